@@ -1,0 +1,204 @@
+"""One typed config for a run: model shape, norm placement, data and training.
+
+Configs are flat TOML files in configs/ (stdlib tomllib); any field can be overridden on the command
+line as `--key=value`. Unknown keys, wrong types and invalid values are a `UserError`: one line that
+names the problem and what would be valid. The resolved config is saved into the run directory.
+"""
+import dataclasses
+import difflib
+import json
+import math
+import sys
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+
+class UserError(Exception):
+    """A problem with the user's input: printed as one line, never as a traceback."""
+
+
+@dataclass
+class Config:
+    # --- model ---
+    vocab_size: int = 4096        # BPE vocabulary trained on the training split (incl. end-of-document)
+    block_size: int = 128         # context length in tokens
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0
+    bias: bool = False            # biases in Linear layers and LayerNorm
+    # --- normalization (see model/norms.py for the registry of names) ---
+    norm: str = "layernorm"       # default for every norm site
+    attn_norm: str = ""           # override the attention-sublayer norm of every block ("" = norm)
+    mlp_norm: str = ""            # override the MLP-sublayer norm of every block ("" = norm)
+    final_norm: str = ""          # the norm before the output head ("" = norm)
+    block_norms: str | list = ""  # per block: "layernorm*2,rmsnorm*2"; "layernorm/rmsnorm" = attn/mlp pair
+    norm_position: str = "pre"    # "pre" (GPT-2, nanoGPT) or "post" (original Transformer)
+    norm_eps: float = 1e-5        # explicit, never a library default
+    norm_gain: bool = True        # learnable gain in every norm
+    prms_fraction: float = 0.0625  # pRMSNorm: share of features the RMS is estimated from
+    # --- data ---
+    data: str = "stdlib"          # "stdlib" (embedded), a path or glob of text files, or "hf:<dataset>"
+    hf_config: str = ""           # Hugging Face dataset config name
+    hf_split: str = "train"
+    hf_text_column: str = "text"
+    hf_streaming: bool = False
+    hf_max_documents: int = 0     # 0 = all documents (set it when streaming a large dataset)
+    val_fraction: float = 0.05    # share of documents held out for validation
+    cache_dir: str = "cache"      # tokenizers and token memmaps, keyed by corpus hash and vocab size
+    # --- training ---
+    out_dir: str = "runs/default"
+    seed: int = 1337
+    batch_size: int = 16          # sequences per process per micro-step
+    grad_accum: int = 1
+    max_steps: int = 400
+    learning_rate: float = 3e-3
+    min_lr: float = 3e-4          # cosine decay floor
+    warmup_steps: int = 40
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0        # 0 = off
+    mixed_precision: str = "no"   # "no", "bf16" or "fp16"
+    compile: bool = False
+    device: str = "auto"          # "auto" (accelerate picks) or "cpu"
+    eval_interval: int = 100
+    eval_batches: int = 20        # fixed validation windows: eval_batches * batch_size of them
+    log_interval: int = 10
+    keep_checkpoints: int = 2
+
+    def validate(self):
+        positive = ["vocab_size", "block_size", "n_layer", "n_head", "n_embd", "batch_size",
+                    "grad_accum", "max_steps", "eval_interval", "eval_batches", "log_interval",
+                    "keep_checkpoints"]
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise UserError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.n_embd % self.n_head:
+            raise UserError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.vocab_size < 257:
+            raise UserError(f"vocab_size must be at least 257 (256 bytes + end-of-document), got {self.vocab_size}")
+        checks = {
+            "dropout": 0.0 <= self.dropout < 1.0, "val_fraction": 0.0 < self.val_fraction < 1.0,
+            "prms_fraction": 0.0 < self.prms_fraction <= 1.0, "norm_eps": self.norm_eps > 0,
+            "learning_rate": self.learning_rate > 0, "min_lr": 0 <= self.min_lr <= self.learning_rate,
+            "warmup_steps": self.warmup_steps >= 0, "weight_decay": self.weight_decay >= 0,
+            "beta1": 0 <= self.beta1 < 1, "beta2": 0 <= self.beta2 < 1, "grad_clip": self.grad_clip >= 0,
+            "hf_max_documents": self.hf_max_documents >= 0,
+        }
+        ranges = {"dropout": "[0, 1)", "val_fraction": "(0, 1)", "prms_fraction": "(0, 1]",
+                  "min_lr": "[0, learning_rate]", "beta1": "[0, 1)", "beta2": "[0, 1)"}
+        for name, ok in checks.items():
+            if not ok:
+                raise UserError(f"{name} = {getattr(self, name)} is out of range; valid: {ranges.get(name, '>= 0')}")
+        choices = {"norm_position": ("pre", "post"), "mixed_precision": ("no", "bf16", "fp16"),
+                   "device": ("auto", "cpu")}
+        for name, valid in choices.items():
+            if getattr(self, name) not in valid:
+                raise UserError(f"{name} = {getattr(self, name)!r} is not valid; choose one of {', '.join(valid)}")
+        from model.norms import resolve_norm_stack  # checks every norm name and block_norms' length
+        resolve_norm_stack(self)
+        return self
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+
+def _coerce(name, value, expected):
+    """Check a TOML value's type against the field's type (ints are accepted for floats)."""
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected == (str | list):
+        if isinstance(value, (str, list)):
+            return value
+        expected_name = "a string or a list"
+    elif isinstance(value, expected) and not (expected is int and isinstance(value, bool)):
+        return value
+    else:
+        expected_name = expected.__name__
+    raise UserError(f"config key {name!r} expects {expected_name}, got {type(value).__name__} {value!r}")
+
+
+def _parse_cli_value(name, text, expected):
+    """Turn a command-line string into the field's type."""
+    if expected is bool:
+        if text.lower() in ("true", "1", "yes"):
+            return True
+        if text.lower() in ("false", "0", "no"):
+            return False
+        raise UserError(f"--{name} expects true or false, got {text!r}")
+    if expected in (int, float):
+        try:
+            return expected(text)
+        except ValueError:
+            raise UserError(f"--{name} expects {expected.__name__}, got {text!r}") from None
+    return text
+
+
+FIELD_TYPES = {f.name: f.type for f in fields(Config)}
+
+
+def _check_key(name):
+    if name not in FIELD_TYPES:
+        close = difflib.get_close_matches(name, FIELD_TYPES, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(FIELD_TYPES)}"
+        raise UserError(f"unknown config key {name!r}{hint}")
+
+
+def apply_overrides(config: Config, values: dict) -> Config:
+    """Return a copy of config with `values` (already typed, e.g. from TOML) applied and checked."""
+    updates = {}
+    for name, value in values.items():
+        _check_key(name)
+        updates[name] = _coerce(name, value, FIELD_TYPES[name])
+    return dataclasses.replace(config, **updates)
+
+
+def parse_cli_overrides(args: list[str]) -> dict:
+    """['--norm=rmsnorm', '--max_steps=10'] -> {'norm': 'rmsnorm', 'max_steps': 10}."""
+    values = {}
+    for arg in args:
+        if not arg.startswith("--") or "=" not in arg:
+            raise UserError(f"cannot read argument {arg!r}; overrides look like --key=value")
+        name, text = arg[2:].split("=", 1)
+        _check_key(name)
+        values[name] = _parse_cli_value(name, text, FIELD_TYPES[name])
+    return values
+
+
+def load_config(path: str | Path | None, overrides: list[str] | dict = ()) -> Config:
+    """Read a TOML config (or start from defaults when path is None), apply overrides, validate."""
+    config = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"config file {str(path)!r} does not exist; see configs/ for examples")
+        try:
+            values = tomllib.loads(path.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"config file {str(path)!r} is not valid TOML: {e}") from None
+        config = apply_overrides(config, values)
+    if not isinstance(overrides, dict):
+        overrides = parse_cli_overrides(list(overrides))
+    return apply_overrides(config, overrides).validate()
+
+
+def save_config(config: Config, path: Path):
+    path.write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+
+
+def config_from_json(path: Path) -> Config:
+    return apply_overrides(Config(), json.loads(Path(path).read_text())).validate()
+
+
+def run_main(main):
+    """Run a command-line entry point; a UserError becomes one line on stderr and exit status 2."""
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,3 @@
+"""The GPT model and its pluggable norms."""
+from model.gpt import GPT
+from model.norms import NORMS, make_norm, resolve_norm_stack

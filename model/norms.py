@@ -1,0 +1,162 @@
+"""The norm registry: every normalization a block can use, by name.
+
+Adding a norm is one class here plus one line in NORMS. Each class is built as `cls(dim, config)` and
+reads what it needs from the config (eps, whether it has a gain, ...). Whatever the input dtype, the
+statistics are computed in fp32 and the output is cast back to the input's dtype.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class LayerNorm(nn.Module):
+    """(x - mean) / sqrt(var + eps) * g (+ b when config.bias). Re-centers and re-scales."""
+
+    def __init__(self, dim, config):
+        super().__init__()
+        self.eps = config.norm_eps
+        self.weight = nn.Parameter(torch.ones(dim)) if config.norm_gain else None
+        self.bias = nn.Parameter(torch.zeros(dim)) if config.bias else None
+
+    def forward(self, x):
+        weight = None if self.weight is None else self.weight.float()
+        bias = None if self.bias is None else self.bias.float()
+        y = F.layer_norm(x.float(), x.shape[-1:], weight, bias, self.eps)
+        return y.to(x.dtype)
+
+
+def rms_normalize(x, eps, stats_features=None):
+    """x / sqrt(mean(x[..., :k]^2) + eps) in fp32, with k = stats_features (default: all features)."""
+    x = x.float()
+    part = x if stats_features is None else x[..., :stats_features]
+    return x * torch.rsqrt(part.pow(2).mean(-1, keepdim=True) + eps)
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * g: re-scales without re-centering (Zhang & Sennrich, 2019).
+
+    eps sits inside the square root, as in torch.nn.RMSNorm. The paper's own PyTorch code adds eps
+    outside the root (x / (rms + eps)); putting it inside is our choice, and the two agree except
+    for inputs whose RMS is comparable to sqrt(eps).
+    """
+
+    def __init__(self, dim, config):
+        super().__init__()
+        self.eps = config.norm_eps
+        self.weight = nn.Parameter(torch.ones(dim)) if config.norm_gain else None
+        self.stats_features = None  # all features; PartialRMSNorm estimates from fewer
+
+    def forward(self, x):
+        y = rms_normalize(x, self.eps, self.stats_features)
+        if self.weight is not None:
+            y = y * self.weight.float()
+        return y.to(x.dtype)
+
+
+class PartialRMSNorm(RMSNorm):
+    """pRMSNorm (same paper): the RMS is estimated from the first ceil(p*d) features only
+    (p = config.prms_fraction) and applied to all of them."""
+
+    def __init__(self, dim, config):
+        super().__init__(dim, config)
+        self.stats_features = max(1, math.ceil(config.prms_fraction * dim))
+
+
+class ScaleNorm(nn.Module):
+    """g * x / max(||x||_2, eps) with ONE learned scalar g initialised to sqrt(d) (Nguyen & Salazar,
+    2019). With norm_gain = false, g stays fixed at sqrt(d)."""
+
+    def __init__(self, dim, config):
+        super().__init__()
+        self.eps = config.norm_eps
+        g = torch.tensor(math.sqrt(dim))
+        if config.norm_gain:
+            self.scale = nn.Parameter(g)
+        else:
+            self.register_buffer("scale", g)
+
+    def forward(self, x):
+        xf = x.float()
+        norm = xf.norm(dim=-1, keepdim=True).clamp_min(self.eps)
+        return (self.scale.float() * xf / norm).to(x.dtype)
+
+
+class Identity(nn.Module):
+    """No normalization at all, for ablations."""
+
+    def __init__(self, dim, config):
+        super().__init__()
+
+    def forward(self, x):
+        return x
+
+
+NORMS = {
+    "layernorm": LayerNorm,
+    "rmsnorm": RMSNorm,
+    "prmsnorm": PartialRMSNorm,
+    "scalenorm": ScaleNorm,
+    "none": Identity,
+}
+
+
+def check_norm_name(name, where):
+    if name not in NORMS:
+        from config import UserError
+        raise UserError(f"unknown norm {name!r} in {where}; valid norms: {', '.join(NORMS)}")
+    return name
+
+
+def make_norm(name, dim, config):
+    return NORMS[check_norm_name(name, "norm")](dim, config)
+
+
+def parse_block_norms(spec, n_layer):
+    """Expand block_norms into one (attn_norm, mlp_norm) pair per block.
+
+    Accepts a compact string "layernorm*2,rmsnorm*2" (a "/" pairs the attention and MLP norms:
+    "layernorm/rmsnorm") or a TOML list whose entries are names or [attn, mlp] pairs.
+    """
+    from config import UserError
+    entries = []
+    items = [s.strip() for s in spec.split(",") if s.strip()] if isinstance(spec, str) else spec
+    for item in items:
+        count = 1
+        if isinstance(item, str) and "*" in item:
+            item, _, times = item.partition("*")
+            if not times.strip().isdigit() or int(times) < 1:
+                raise UserError(f"block_norms entry {item}*{times}: the repeat count must be a positive integer")
+            count = int(times)
+        if isinstance(item, str):
+            parts = [p.strip() for p in item.split("/")]
+        elif isinstance(item, list) and all(isinstance(p, str) for p in item):
+            parts = item
+        else:
+            raise UserError(f"block_norms entry {item!r} must be a norm name or an [attn, mlp] pair of names")
+        if len(parts) == 1:
+            parts = parts * 2
+        if len(parts) != 2:
+            raise UserError(f"block_norms entry {item!r} must name one norm or an attn/mlp pair")
+        pair = tuple(check_norm_name(p, "block_norms") for p in parts)
+        entries.extend([pair] * count)
+    if len(entries) != n_layer:
+        raise UserError(f"block_norms describes {len(entries)} blocks but n_layer is {n_layer}; give one entry per block")
+    return entries
+
+
+def resolve_norm_stack(config):
+    """The norm at every site: ([(attn_norm, mlp_norm) per block], final_norm).
+
+    Precedence: block_norms (per block) > attn_norm / mlp_norm (every block) > norm (default).
+    """
+    check_norm_name(config.norm, "norm")
+    attn = check_norm_name(config.attn_norm or config.norm, "attn_norm")
+    mlp = check_norm_name(config.mlp_norm or config.norm, "mlp_norm")
+    final = check_norm_name(config.final_norm or config.norm, "final_norm")
+    if config.block_norms:
+        blocks = parse_block_norms(config.block_norms, config.n_layer)
+    else:
+        blocks = [(attn, mlp)] * config.n_layer
+    return blocks, final

@@ -1,0 +1,100 @@
+"""Sample text from a trained run; tokens stream to stdout as they are generated.
+
+    python sample.py runs/default --prompt "def " --num_samples 3 --max_new_tokens 200
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer
+
+from checkpoint import load_model
+from config import UserError, run_main
+from data.prepare import END_OF_DOCUMENT
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # one line through run_main instead of argparse's usage dump
+        raise UserError(message)
+
+
+def parse_args(argv=None):
+    p = ArgumentParser(description=__doc__.strip().splitlines()[0])
+    p.add_argument("run", help="a run dir (its latest checkpoint is used) or a checkpoint folder")
+    p.add_argument("--prompt", default="", help="text to continue (default: start of a document)")
+    p.add_argument("--prompt_file", help="read the prompt from this file")
+    p.add_argument("--num_samples", type=int, default=3)
+    p.add_argument("--max_new_tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top_k", type=int, default=0, help="0 = off")
+    p.add_argument("--top_p", type=float, default=0.95, help="nucleus sampling, in (0, 1]")
+    p.add_argument("--seed", type=int, default=1337, help="same seed, same text")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--no_cache", action="store_true", help="recompute every step without the KV cache")
+    args = p.parse_args(argv)
+    checks = [(args.num_samples >= 1, "--num_samples must be >= 1"),
+              (args.max_new_tokens >= 1, "--max_new_tokens must be >= 1"),
+              (args.temperature >= 0, f"--temperature must be >= 0 (0 = greedy), got {args.temperature}"),
+              (args.top_k >= 0, f"--top_k must be >= 0 (0 = off), got {args.top_k}"),
+              (0 < args.top_p <= 1, f"--top_p must be in (0, 1], got {args.top_p}")]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
+    return args
+
+
+def read_prompt(args):
+    if args.prompt_file is None:
+        return args.prompt
+    try:
+        return Path(args.prompt_file).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"prompt file {args.prompt_file!r} does not exist") from None
+    except UnicodeDecodeError:
+        raise UserError(f"prompt file {args.prompt_file!r} is not UTF-8 text") from None
+
+
+class StreamingDecoder:
+    """Prints each token's text as it arrives. Byte-level BPE can split a UTF-8 character across
+    tokens, so text is held back while it ends in an incomplete character."""
+
+    def __init__(self, tokenizer, out):
+        self.tokenizer, self.out, self.ids, self.printed = tokenizer, out, [], 0
+
+    def __call__(self, token):
+        self.ids.append(int(token[0, 0]))
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=False)
+        if not text.endswith("\ufffd"):
+            self.out.write(text[self.printed:])
+            self.out.flush()
+            self.printed = len(text)
+
+
+def generate_samples(args, out=sys.stdout):
+    model, config, folder = load_model(args.run, args.device)
+    tokenizer_file = folder.parent.parent / "tokenizer.json"
+    if not tokenizer_file.is_file():
+        raise UserError(f"no tokenizer.json in the run dir {str(folder.parent.parent)!r}")
+    tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    if tokenizer.get_vocab_size() > config.vocab_size:
+        raise UserError(f"tokenizer {str(tokenizer_file)!r} has {tokenizer.get_vocab_size()} tokens but "
+                        f"the model only {config.vocab_size}: they do not belong together")
+    prompt = read_prompt(args)
+    ids = tokenizer.encode(prompt, add_special_tokens=False).ids if prompt else []
+    ids = [tokenizer.token_to_id(END_OF_DOCUMENT)] + ids  # samples start as a fresh document
+    generator = torch.Generator(device=args.device).manual_seed(args.seed)
+    samples = []
+    for i in range(args.num_samples):
+        out.write(f"--- sample {i + 1} ---\n{prompt}")
+        stream = StreamingDecoder(tokenizer, out)
+        idx = torch.tensor([ids], dtype=torch.long, device=args.device)
+        result = model.generate(idx, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                                use_cache=not args.no_cache, generator=generator, on_token=stream)
+        out.write("\n")
+        samples.append(prompt + tokenizer.decode(result[0, len(ids):].tolist(), skip_special_tokens=False))
+    return samples
+
+
+if __name__ == "__main__":
+    run_main(lambda: generate_samples(parse_args()))

@@ -1,0 +1,197 @@
+"""Train a GPT whose norms come from the config.
+
+    python train.py configs/default.toml [--key=value ...] [--resume]
+    accelerate launch --multi_gpu --num_processes 2 train.py configs/default.toml
+
+`train(config)` is the whole training loop as a function; compare.py calls it for every variant.
+"""
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from tqdm import tqdm
+
+from checkpoint import list_checkpoints, load_weights, save_checkpoint, set_rng_state
+from config import UserError, load_config, run_main, save_config
+from data.batches import TrainBatches, validation_batches
+from data.prepare import check_data_size, prepare_data
+from model import GPT
+
+
+def learning_rate(step, config):
+    """Linear warmup to learning_rate, then cosine decay to min_lr at max_steps."""
+    if step < config.warmup_steps:
+        return config.learning_rate * (step + 1) / config.warmup_steps
+    progress = min(1.0, (step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps))
+    return config.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (config.learning_rate - config.min_lr)
+
+
+@torch.no_grad()
+def evaluate(model, val_tokens, config, accelerator):
+    """Mean loss over the fixed validation batches, summed over every process's share."""
+    model.eval()
+    total = torch.zeros(2, device=accelerator.device)  # (sum of batch losses, number of batches)
+    for x, y in validation_batches(val_tokens, config.block_size, config.batch_size, config.eval_batches,
+                                   accelerator.process_index, accelerator.num_processes, accelerator.device):
+        _, loss = model(x, y)
+        total += torch.stack([loss.float(), torch.ones((), device=loss.device)])
+    model.train()
+    total = accelerator.reduce(total, reduction="sum")
+    return (total[0] / total[1]).item()
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def train(config, resume=False, log=None):
+    """Train (or resume) the run in config.out_dir; returns a summary dict of the run."""
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=config.device == "cpu",
+                              gradient_accumulation_steps=config.grad_accum)
+    log = log or accelerator.print
+    run_dir = Path(config.out_dir)
+    checkpoints = list_checkpoints(run_dir)
+    if resume and not checkpoints:
+        raise UserError(f"--resume: {str(run_dir)!r} has no checkpoint to resume from")
+    if not resume and checkpoints:
+        raise UserError(f"{str(run_dir)!r} already holds a run; pass --resume to continue it or choose another out_dir")
+    seed_everything(config.seed + accelerator.process_index)  # distinct dropout masks per process
+
+    with accelerator.main_process_first():  # one process builds the data cache, the rest reuse it
+        data = prepare_data(config, log=log)
+    check_data_size(data, config.block_size)
+    train_tokens, val_tokens = data.tokens("train"), data.tokens("val")
+
+    model = GPT(config)
+    log(model.describe_norms())
+    log(f"parameters: {model.num_params():,}  |  processes: {accelerator.num_processes}  |  "
+        f"device: {accelerator.device}  |  precision: {config.mixed_precision}")
+    optimizer = torch.optim.AdamW(model.optimizer_groups(config.weight_decay), lr=config.learning_rate,
+                                  betas=(config.beta1, config.beta2))
+    if config.compile:
+        model = torch.compile(model)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    batches = TrainBatches(train_tokens, config.block_size, config.batch_size, config.seed,
+                           accelerator.process_index, accelerator.num_processes)
+    state = {"step": 0, "tokens_seen": 0, "elapsed_s": 0.0, "best_val_loss": float("inf")}
+
+    if resume:
+        folder = checkpoints[-1]
+        saved = torch.load(folder / "train_state.pt", weights_only=False)
+        if saved["tokenizer_hash"] != data.tokenizer_hash:
+            raise UserError(f"cannot resume {str(folder)!r}: its tokenizer differs from this config's data")
+        load_weights(accelerator.unwrap_model(model), folder / "model.safetensors")
+        optimizer.load_state_dict(saved["optimizer"])
+        batches.load_state_dict(saved["batches"])
+        set_rng_state(torch.load(folder / f"rng_rank{accelerator.process_index}.pt", weights_only=False))
+        state = saved["counters"]
+        log(f"resumed from {folder} at step {state['step']}")
+
+    metrics_path = run_dir / "metrics.jsonl"
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, run_dir / "config.json")
+        Path(run_dir / "tokenizer.json").write_bytes(Path(data.tokenizer_path).read_bytes())
+        # lines after the resumed step were written by the killed process and will be written again
+        kept = [l for l in metrics_path.read_text().splitlines() if json.loads(l)["step"] <= state["step"]] \
+            if resume and metrics_path.exists() else []
+        metrics_path.write_text("".join(l + "\n" for l in kept))
+
+    def record(**entry):
+        if accelerator.is_main_process:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(entry) + "\n")
+
+    def checkpoint():
+        train_state = {"optimizer": optimizer.state_dict(), "batches": batches.state_dict(),
+                       "counters": dict(state), "tokenizer_hash": data.tokenizer_hash,
+                       "corpus_hash": data.corpus_hash}
+        save_checkpoint(accelerator, run_dir, state["step"], model, train_state, config, config.keep_checkpoints)
+
+    val_loss = None
+    if state["step"] == 0:
+        val_loss = evaluate(model, val_tokens, config, accelerator)
+        record(step=0, train_loss=None, val_loss=val_loss, lr=learning_rate(0, config), tokens_seen=0,
+               elapsed_s=0.0, tokens_per_s=None)
+    tokens_per_step = config.batch_size * config.block_size * config.grad_accum * accelerator.num_processes
+    progress = tqdm(total=config.max_steps, initial=state["step"], disable=not accelerator.is_local_main_process,
+                    desc="train", dynamic_ncols=True)
+    interval_tokens, interval_time, train_loss = 0, 0.0, None
+    while state["step"] < config.max_steps:
+        lr = learning_rate(state["step"], config)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        t0 = time.perf_counter()
+        step_loss = torch.zeros((), device=accelerator.device)
+        for _ in range(config.grad_accum):
+            x, y = batches.next(accelerator.device)
+            with accelerator.accumulate(model):
+                _, loss = model(x, y)
+                accelerator.backward(loss)  # divides by grad_accum itself
+                if accelerator.sync_gradients and config.grad_clip > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            step_loss += loss.detach().float() / config.grad_accum
+        step_time = time.perf_counter() - t0
+        state["step"] += 1
+        state["tokens_seen"] += tokens_per_step
+        state["elapsed_s"] += step_time  # training time only: evaluation and saving excluded
+        interval_tokens += tokens_per_step
+        interval_time += step_time
+        progress.update(1)
+
+        step = state["step"]
+        is_eval = step % config.eval_interval == 0 or step == config.max_steps
+        if step % config.log_interval == 0 or is_eval:
+            train_loss = accelerator.reduce(step_loss, reduction="mean").item()
+            val_loss = evaluate(model, val_tokens, config, accelerator) if is_eval else None
+            if val_loss is not None:
+                state["best_val_loss"] = min(state["best_val_loss"], val_loss)
+            tokens_per_s = interval_tokens / interval_time
+            record(step=step, train_loss=train_loss, val_loss=val_loss, lr=lr, tokens_seen=state["tokens_seen"],
+                   elapsed_s=round(state["elapsed_s"], 4), tokens_per_s=round(tokens_per_s, 1))
+            postfix = {"loss": f"{train_loss:.3f}", "tok/s": f"{tokens_per_s:,.0f}"}
+            if val_loss is not None:
+                postfix["val"] = f"{val_loss:.3f}"
+            progress.set_postfix(postfix, refresh=False)
+            interval_tokens, interval_time = 0, 0.0
+            if is_eval:
+                checkpoint()
+    progress.close()
+    if val_loss is None:  # resumed a run that had already finished
+        val_loss = evaluate(model, val_tokens, config, accelerator)
+    result = {
+        "run_dir": str(run_dir), "steps": state["step"], "final_val_loss": val_loss,
+        "best_val_loss": min(state["best_val_loss"], val_loss), "final_train_loss": train_loss,
+        "tokens_per_s": state["tokens_seen"] / max(state["elapsed_s"], 1e-9),
+        "wall_seconds": state["elapsed_s"], "n_params": accelerator.unwrap_model(model).num_params(),
+        "corpus_hash": data.corpus_hash, "unigram_entropy": data.unigram_entropy,
+    }
+    log(f"done: step {result['steps']}, val loss {val_loss:.4f} nats/token "
+        f"(unigram entropy of the corpus: {data.unigram_entropy:.4f}), "
+        f"{result['tokens_per_s']:,.0f} tokens/s, {result['wall_seconds']:.0f}s of training -> {run_dir}")
+    accelerator.end_training()  # without it, torchrun aborted some multi-process runs at exit
+    return result
+
+
+def main():
+    args = sys.argv[1:]
+    resume = "--resume" in args
+    args = [a for a in args if a != "--resume"]
+    if not args or args[0].startswith("--"):
+        raise UserError("usage: python train.py <config.toml> [--key=value ...] [--resume]")
+    config = load_config(args[0], args[1:])
+    train(config, resume=resume)
+
+
+if __name__ == "__main__":
+    run_main(main)
