@@ -11,6 +11,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+def upcast(x):
+    """x in at least fp32: statistics of fp16/bf16 inputs are computed in fp32 (fp64 stays fp64)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 class LayerNorm(nn.Module):
     """(x - mean) / sqrt(var + eps) * g (+ b when config.bias). Re-centers and re-scales."""
 
@@ -21,15 +26,16 @@ class LayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(dim)) if config.bias else None
 
     def forward(self, x):
-        weight = None if self.weight is None else self.weight.float()
-        bias = None if self.bias is None else self.bias.float()
-        y = F.layer_norm(x.float(), x.shape[-1:], weight, bias, self.eps)
+        xf = upcast(x)
+        weight = None if self.weight is None else self.weight.to(xf.dtype)
+        bias = None if self.bias is None else self.bias.to(xf.dtype)
+        y = F.layer_norm(xf, x.shape[-1:], weight, bias, self.eps)
         return y.to(x.dtype)
 
 
 def rms_normalize(x, eps, stats_features=None):
     """x / sqrt(mean(x[..., :k]^2) + eps) in fp32, with k = stats_features (default: all features)."""
-    x = x.float()
+    x = upcast(x)
     part = x if stats_features is None else x[..., :stats_features]
     return x * torch.rsqrt(part.pow(2).mean(-1, keepdim=True) + eps)
 
@@ -51,7 +57,7 @@ class RMSNorm(nn.Module):
     def forward(self, x):
         y = rms_normalize(x, self.eps, self.stats_features)
         if self.weight is not None:
-            y = y * self.weight.float()
+            y = y * self.weight.to(y.dtype)
         return y.to(x.dtype)
 
 
@@ -78,9 +84,9 @@ class ScaleNorm(nn.Module):
             self.register_buffer("scale", g)
 
     def forward(self, x):
-        xf = x.float()
+        xf = upcast(x)
         norm = xf.norm(dim=-1, keepdim=True).clamp_min(self.eps)
-        return (self.scale.float() * xf / norm).to(x.dtype)
+        return (self.scale.to(xf.dtype) * xf / norm).to(x.dtype)
 
 
 class Identity(nn.Module):
