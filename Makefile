@@ -19,7 +19,7 @@ $(VENV)/installed: requirements.txt constraints.txt
 demo: install
 	rm -rf runs/default
 	$(PY) train.py configs/default.toml
-	$(PY) sample.py runs/default --prompt "def " --num_samples 3 --max_new_tokens 120
+	$(PY) sample.py runs/default --prompt "def" --num_samples 3 --max_new_tokens 120
 
 test: install
 	$(PY) -m pytest -q tests

@@ -71,7 +71,8 @@ class StreamingDecoder:
             self.printed = len(text)
 
 
-def generate_samples(args, out=sys.stdout):
+def generate_samples(args, out=None):
+    out = out or sys.stdout
     model, config, folder = load_model(args.run, args.device)
     tokenizer_file = folder.parent.parent / "tokenizer.json"
     if not tokenizer_file.is_file():

@@ -15,19 +15,26 @@ from config import UserError
 STDLIB_EXCLUDED_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
 
 
-def stdlib_documents():
-    """Every *.py under the standard library, excluding test folders and site-packages: a corpus of
-    ~12 MB of real Python that exists wherever Python does, so the default run needs no download."""
+def stdlib_files():
+    """Every *.py under the standard library, excluding test folders and site-packages, in a
+    fixed order."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    docs = []
+    paths = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if d not in STDLIB_EXCLUDED_DIRS)
-        for name in sorted(filenames):
-            if name.endswith(".py"):
-                try:
-                    docs.append((Path(dirpath) / name).read_text(encoding="utf-8"))
-                except (UnicodeDecodeError, OSError):
-                    continue  # a handful of files are deliberately not UTF-8; they are not needed
+        paths.extend(Path(dirpath) / name for name in sorted(filenames) if name.endswith(".py"))
+    return paths
+
+
+def stdlib_documents():
+    """The stdlib's own source: ~12 MB of real Python that exists wherever Python does, so the
+    default run needs no download."""
+    docs = []
+    for path in stdlib_files():
+        try:
+            docs.append(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, OSError):
+            continue  # a few files are deliberately not UTF-8; they are not needed
     return [d for d in docs if d.strip()]
 
 

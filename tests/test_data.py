@@ -1,0 +1,139 @@
+"""The data path: documents from files / a local datasets folder / the stdlib, tokenizer cache,
+memmaps, and batches (seeded, resumable, split across processes, fixed for validation)."""
+import json
+
+import numpy as np
+import pytest
+
+from config import UserError, load_config
+from data.batches import TrainBatches, validation_batches
+from data.corpus import split_documents, stdlib_documents, stdlib_files
+from data.prepare import END_OF_DOCUMENT, check_data_size, prepare_data
+
+CODE = "def f(x):\n    return x + 1\n\n\nclass A:\n    pass\n"
+
+
+def write_docs(folder, n=30):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        (folder / f"doc{i:02d}.txt").write_text(f"# file {i}\n" + CODE * (1 + i % 3))
+    return folder
+
+
+def config_for(tmp_path, data, **extra):
+    return load_config(None, {"data": data, "cache_dir": str(tmp_path / "cache"), "vocab_size": 300,
+                              "block_size": 16, "n_layer": 1, "n_head": 1, "n_embd": 8, **extra})
+
+
+def test_local_text_files_keep_newlines_and_round_trip(tmp_path):
+    folder = write_docs(tmp_path / "docs")
+    config = config_for(tmp_path, str(folder / "*.txt"))
+    data = prepare_data(config, log=lambda *_: None)
+    assert data.n_train_documents + data.n_val_documents == 30
+    assert data.n_val_documents > 0 and data.dtype == "uint16"
+    tokenizer = data.load_tokenizer()
+    text = tokenizer.decode(data.tokens("train").tolist(), skip_special_tokens=False)
+    assert "def f(x):\n    return x + 1\n" in text  # newlines survive (sample_by="document")
+    eod = tokenizer.token_to_id(END_OF_DOCUMENT)
+    assert np.count_nonzero(np.asarray(data.tokens("train")) == eod) == data.n_train_documents
+
+
+def test_tokenizer_and_tokens_are_cached_by_corpus_and_vocab(tmp_path):
+    folder = write_docs(tmp_path / "docs")
+    first = prepare_data(config_for(tmp_path, str(folder)+"/*.txt"), log=lambda *_: None)
+    messages = []
+    again = prepare_data(config_for(tmp_path, str(folder)+"/*.txt"), log=messages.append)
+    assert "from cache" in messages[0] and again.tokenizer_hash == first.tokenizer_hash
+    other = prepare_data(config_for(tmp_path, str(folder)+"/*.txt", vocab_size=320), log=lambda *_: None)
+    assert other.directory != first.directory
+    (folder / "doc00.txt").write_text("changed\n" * 50)
+    changed = prepare_data(config_for(tmp_path, str(folder)+"/*.txt"), log=lambda *_: None)
+    assert changed.corpus_hash != first.corpus_hash
+
+
+def test_local_datasets_folder_through_the_hub_code_path(tmp_path):
+    """hf:<name> goes through datasets.load_dataset exactly as a hub name would; a local folder of
+    JSON lines stands in for the hub, which this machine cannot reach."""
+    folder = tmp_path / "my_dataset"
+    folder.mkdir()
+    rows = [{"content": f"# doc {i}\n" + CODE, "id": i} for i in range(40)]
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for streaming in (False, True):
+        config = config_for(tmp_path, f"hf:{folder}", hf_text_column="content",
+                            hf_streaming=streaming, hf_max_documents=25)
+        data = prepare_data(config, log=lambda *_: None)
+        assert data.n_train_documents + data.n_val_documents == 25
+    with pytest.raises(UserError, match="has no column 'text'; its columns are content, id"):
+        prepare_data(config_for(tmp_path, f"hf:{folder}"), log=lambda *_: None)
+
+
+@pytest.mark.parametrize("setup, message", [
+    (lambda p: None, "does not exist"),
+    (lambda p: p.write_text(""), "are empty"),
+    (lambda p: p.write_bytes(b"caf\xe9 latin-1\n"), "is not UTF-8 text"),
+])
+def test_bad_data_files(tmp_path, setup, message):
+    path = tmp_path / "input.txt"
+    setup(path)
+    with pytest.raises(UserError, match=message):
+        prepare_data(config_for(tmp_path, str(path)), log=lambda *_: None)
+
+
+def test_data_smaller_than_one_context_window(tmp_path):
+    path = tmp_path / "small.txt"
+    path.write_text("x = 1\ny = 2\n")
+    data = prepare_data(config_for(tmp_path, str(path)), log=lambda *_: None)
+    with pytest.raises(UserError, match="fewer than one context window"):
+        check_data_size(data, block_size=16)
+
+
+def test_single_document_is_split_by_lines():
+    train, val = split_documents(["line\n" * 100], 0.1)
+    assert train == ["line\n" * 90] and val == ["line\n" * 10]
+
+
+def test_split_is_by_whole_documents_and_deterministic():
+    docs = [f"doc {i}\n" for i in range(200)]
+    train, val = split_documents(docs, 0.1)
+    assert sorted(train + val) == sorted(docs) and 5 <= len(val) <= 40
+    assert split_documents(list(reversed(docs)), 0.1)[1] == list(reversed(val))
+
+
+def test_stdlib_corpus_excludes_tests_and_site_packages():
+    files = stdlib_files()
+    assert len(files) > 300 and all(f.suffix == ".py" for f in files)
+    assert not any({"test", "tests", "idle_test", "site-packages"} & set(f.parts) for f in files)
+    assert any(f.name == "functools.py" for f in files)
+    assert sum(len(d) for d in stdlib_documents()) > 5_000_000
+
+
+def test_train_batches_are_seeded_and_resumable():
+    tokens = np.arange(1000, dtype=np.uint16)
+    a, b = TrainBatches(tokens, 8, 4, seed=1), TrainBatches(tokens, 8, 4, seed=1)
+    x1, y1 = a.next()
+    assert np.array_equal(x1.numpy(), b.next()[0].numpy())
+    assert np.array_equal(y1[:, :-1].numpy(), x1[:, 1:].numpy())  # targets are inputs shifted by one
+    state = a.state_dict()
+    expected = [a.next()[0] for _ in range(3)]
+    c = TrainBatches(tokens, 8, 4, seed=999)
+    c.load_state_dict(state)
+    assert all(np.array_equal(e.numpy(), c.next()[0].numpy()) for e in expected)
+
+
+def test_two_processes_see_the_batch_one_process_sees():
+    tokens = np.arange(5000, dtype=np.uint16)
+    single = TrainBatches(tokens, 8, 6, seed=3)
+    ranks = [TrainBatches(tokens, 8, 3, seed=3, rank=r, world_size=2) for r in range(2)]
+    for _ in range(3):
+        whole = single.next()[0].numpy()
+        parts = np.concatenate([r.next()[0].numpy() for r in ranks])
+        assert np.array_equal(whole, parts)
+
+
+def test_validation_batches_are_fixed_and_shared_across_processes():
+    tokens = np.arange(3000, dtype=np.uint16)
+    once = [x.numpy() for x, _ in validation_batches(tokens, 16, 4, 5)]
+    again = [x.numpy() for x, _ in validation_batches(tokens, 16, 4, 5)]
+    assert all(np.array_equal(a, b) for a, b in zip(once, again)) and len(once) == 5
+    split = [x.numpy() for r in range(2) for x, _ in validation_batches(tokens, 16, 4, 5, rank=r, world_size=2)]
+    assert sorted(map(bytes, split)) == sorted(map(bytes, once))

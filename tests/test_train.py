@@ -1,0 +1,131 @@
+"""End to end: a tiny run trains, checkpoints, samples and resumes; entry points fail with one line."""
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from checkpoint import list_checkpoints, load_model
+from config import UserError
+from sample import generate_samples, parse_args
+from train import learning_rate, train
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def metrics(run_dir):
+    return [json.loads(l) for l in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, shared_cache):
+    from config import load_config
+    run_dir = tmp_path_factory.mktemp("tiny") / "run"
+    config = load_config(ROOT / "configs" / "tiny.toml", {"out_dir": str(run_dir), "cache_dir": shared_cache,
+                                                          "max_steps": 40, "eval_interval": 20})
+    return config, train(config, log=lambda *_: None)
+
+
+def test_tiny_run_learns_and_records_metrics(tiny_run):
+    config, result = tiny_run
+    rows = metrics(config.out_dir)
+    evals = [r for r in rows if r["val_loss"] is not None]
+    assert [r["step"] for r in evals] == [0, 20, 40]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.5
+    assert result["final_val_loss"] == pytest.approx(evals[-1]["val_loss"])
+    assert result["final_val_loss"] < result["unigram_entropy"] + 0.5
+    assert {"step", "train_loss", "val_loss", "lr", "tokens_seen", "elapsed_s", "tokens_per_s"} <= set(rows[-1])
+    assert rows[-1]["tokens_seen"] == 40 * config.batch_size * config.block_size
+    assert len(result["corpus_hash"]) == 64 and result["n_params"] > 0
+
+
+def test_checkpoint_is_clean_and_loads_into_a_plain_model(tiny_run):
+    config, _ = tiny_run
+    folder = list_checkpoints(config.out_dir)[-1]
+    assert folder.name == "step_0000040" and len(list_checkpoints(config.out_dir)) == config.keep_checkpoints
+    keys = load_file(folder / "model.safetensors").keys()
+    assert not any(k.startswith(("_orig_mod.", "module.")) for k in keys)
+    model, loaded_config, _ = load_model(config.out_dir)
+    assert loaded_config == config
+    assert (Path(config.out_dir) / "tokenizer.json").is_file() and (Path(config.out_dir) / "config.json").is_file()
+
+
+def test_sampling_from_the_run_is_seeded(tiny_run, capsys):
+    config, _ = tiny_run
+    args = parse_args([config.out_dir, "--prompt", "def", "--num_samples", "2", "--max_new_tokens", "20"])
+    first = generate_samples(args)
+    streamed = capsys.readouterr().out
+    assert len(first) == 2 and all(s.startswith("def") for s in first)
+    assert first[0] in streamed  # what was streamed is the sample
+    assert generate_samples(args) == first
+    assert generate_samples(parse_args([config.out_dir, "--seed", "7", "--prompt", "def"])) != first
+
+
+def test_existing_run_is_never_overwritten(tiny_run):
+    config, _ = tiny_run
+    with pytest.raises(UserError, match="already holds a run; pass --resume"):
+        train(config, log=lambda *_: None)
+
+
+def test_resume_continues_to_a_longer_schedule(tiny_config):
+    config = tiny_config(max_steps=20)
+    train(config, log=lambda *_: None)
+    import dataclasses
+    longer = dataclasses.replace(config, max_steps=30)
+    result = train(longer, resume=True, log=lambda *_: None)
+    steps = [r["step"] for r in metrics(config.out_dir)]
+    assert result["steps"] == 30 and steps == sorted(set(steps)) and steps[-1] == 30
+
+
+def test_resume_without_checkpoint_is_an_error(tiny_config):
+    with pytest.raises(UserError, match="has no checkpoint to resume from"):
+        train(tiny_config(), resume=True, log=lambda *_: None)
+
+
+def test_mixed_stack_trains_and_logs_its_stack(tiny_config):
+    lines = []
+    config = tiny_config(norm="rmsnorm", block_norms="layernorm,rmsnorm", max_steps=4, eval_interval=4)
+    train(config, log=lines.append)
+    text = "\n".join(lines)
+    assert "block 0: attn=layernorm mlp=layernorm" in text and "block 1: attn=rmsnorm mlp=rmsnorm" in text
+
+
+def test_learning_rate_schedule(tiny_config):
+    c = tiny_config(max_steps=100, warmup_steps=10, learning_rate=1.0, min_lr=0.1)
+    assert learning_rate(0, c) == pytest.approx(0.1) and learning_rate(9, c) == pytest.approx(1.0)
+    assert learning_rate(55, c) == pytest.approx(0.55) and learning_rate(100, c) == pytest.approx(0.1)
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train.py", "configs/tiny.toml", "--n_layers=3"], "unknown config key 'n_layers'; did you mean 'n_layer'?"),
+    (["train.py", "configs/missing.toml"], "does not exist"),
+    (["train.py"], "usage: python train.py"),
+    (["sample.py", "no/such/run"], "does not exist"),
+    (["sample.py", "configs", "--top_p", "0.5"], "holds no checkpoints"),
+    (["sample.py", "configs", "--top_p", "1.5"], "--top_p must be in (0, 1]"),
+    (["sample.py", "configs", "--temperature", "-1"], "--temperature must be >= 0"),
+])
+def test_entry_points_fail_with_one_line(args, message):
+    proc = run_cli(*args)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and message in proc.stderr, proc.stderr
+
+
+def test_readme_demo_entry_points(tmp_path, shared_cache):
+    """The demo's own commands (see the Makefile's demo target), shortened to a few steps."""
+    makefile = (ROOT / "Makefile").read_text()
+    assert "train.py configs/default.toml" in makefile and "sample.py runs/default" in makefile
+    run_dir = tmp_path / "demo"
+    proc = run_cli("train.py", "configs/default.toml", f"--out_dir={run_dir}", f"--cache_dir={shared_cache}",
+                   "--max_steps=3", "--eval_interval=3", "--eval_batches=2")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert re.search(r"val loss [\d.]+ nats/token \(unigram entropy of the corpus: [\d.]+\)", proc.stdout)
+    proc = run_cli("sample.py", str(run_dir), "--num_samples", "1", "--max_new_tokens", "10")
+    assert proc.returncode == 0 and "--- sample 1 ---" in proc.stdout, proc.stderr[-2000:]
