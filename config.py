@@ -64,13 +64,13 @@ class Config:
     compile: bool = False
     device: str = "auto"          # "auto" (accelerate picks) or "cpu"
     eval_interval: int = 100
-    eval_batches: int = 20        # fixed validation windows: eval_batches * batch_size of them
+    eval_windows: int = 320       # the FIXED validation set: this many context windows, whatever the batch size
     log_interval: int = 10
     keep_checkpoints: int = 2
 
     def validate(self):
         positive = ["vocab_size", "block_size", "n_layer", "n_head", "n_embd", "batch_size",
-                    "grad_accum", "max_steps", "eval_interval", "eval_batches", "log_interval",
+                    "grad_accum", "max_steps", "eval_interval", "eval_windows", "log_interval",
                     "keep_checkpoints"]
         for name in positive:
             if getattr(self, name) <= 0:

@@ -7,6 +7,7 @@
 """
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -34,13 +35,13 @@ def learning_rate(step, config):
 
 @torch.no_grad()
 def evaluate(model, val_tokens, config, accelerator):
-    """Mean loss over the fixed validation batches, summed over every process's share."""
+    """Mean loss per token over the fixed validation windows, summed over every process's share."""
     model.eval()
-    total = torch.zeros(2, device=accelerator.device)  # (sum of batch losses, number of batches)
-    for x, y in validation_batches(val_tokens, config.block_size, config.batch_size, config.eval_batches,
+    total = torch.zeros(2, device=accelerator.device)  # (sum of window losses, number of windows)
+    for x, y in validation_batches(val_tokens, config.block_size, config.batch_size, config.eval_windows,
                                    accelerator.process_index, accelerator.num_processes, accelerator.device):
         _, loss = model(x, y)
-        total += torch.stack([loss.float(), torch.ones((), device=loss.device)])
+        total += torch.stack([loss.float() * len(x), torch.tensor(float(len(x)), device=loss.device)])
     model.train()
     total = accelerator.reduce(total, reduction="sum")
     return (total[0] / total[1]).item()
@@ -54,7 +55,10 @@ def seed_everything(seed):
 
 def train(config, resume=False, log=None):
     """Train (or resume) the run in config.out_dir; returns a summary dict of the run."""
-    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=config.device == "cpu",
+    # accelerate sets up multi-process CPU training (gloo) only when told cpu=True
+    several_processes = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    use_cpu = config.device == "cpu" or (several_processes and not torch.cuda.is_available())
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=use_cpu,
                               gradient_accumulation_steps=config.grad_accum)
     log = log or accelerator.print
     run_dir = Path(config.out_dir)

@@ -46,8 +46,10 @@ def validation_offsets(n_tokens, block_size, n_windows):
     return np.linspace(0, max(high, 0), n_windows).round().astype(np.int64)
 
 
-def validation_batches(tokens, block_size, batch_size, n_batches, rank=0, world_size=1, device="cpu"):
-    """This process's share of the fixed validation batches (batch i goes to rank i % world_size)."""
-    offsets = validation_offsets(len(tokens), block_size, batch_size * n_batches)
-    for i in range(rank, n_batches, world_size):
-        yield windows(tokens, offsets[i * batch_size:(i + 1) * batch_size], block_size, device)
+def validation_batches(tokens, block_size, batch_size, n_windows, rank=0, world_size=1, device="cpu"):
+    """This process's share of the fixed validation windows, in batches of up to batch_size
+    (batch i goes to rank i % world_size). The windows do not depend on batch size or process count."""
+    offsets = validation_offsets(len(tokens), block_size, n_windows)
+    starts = range(0, n_windows, batch_size)
+    for i in range(rank, len(starts), world_size):
+        yield windows(tokens, offsets[starts[i]:starts[i] + batch_size], block_size, device)

@@ -130,10 +130,11 @@ def test_two_processes_see_the_batch_one_process_sees():
         assert np.array_equal(whole, parts)
 
 
-def test_validation_batches_are_fixed_and_shared_across_processes():
+def test_validation_windows_do_not_depend_on_batch_size_or_processes():
     tokens = np.arange(3000, dtype=np.uint16)
-    once = [x.numpy() for x, _ in validation_batches(tokens, 16, 4, 5)]
-    again = [x.numpy() for x, _ in validation_batches(tokens, 16, 4, 5)]
-    assert all(np.array_equal(a, b) for a, b in zip(once, again)) and len(once) == 5
-    split = [x.numpy() for r in range(2) for x, _ in validation_batches(tokens, 16, 4, 5, rank=r, world_size=2)]
-    assert sorted(map(bytes, split)) == sorted(map(bytes, once))
+    def rows(batch_size, rank=0, world_size=1):
+        return [bytes(r) for x, _ in validation_batches(tokens, 16, batch_size, 20, rank, world_size) for r in x.numpy()]
+    once = rows(4)
+    assert len(once) == 20 and rows(4) == once
+    assert rows(8) == once  # 3 batches (8, 8, 4) hold the same 20 windows
+    assert sorted(rows(2, 0, 2) + rows(2, 1, 2)) == sorted(once)

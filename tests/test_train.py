@@ -124,7 +124,7 @@ def test_readme_demo_entry_points(tmp_path, shared_cache):
     assert "train.py configs/default.toml" in makefile and "sample.py runs/default" in makefile
     run_dir = tmp_path / "demo"
     proc = run_cli("train.py", "configs/default.toml", f"--out_dir={run_dir}", f"--cache_dir={shared_cache}",
-                   "--max_steps=3", "--eval_interval=3", "--eval_batches=2")
+                   "--max_steps=3", "--eval_interval=3", "--eval_windows=32")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert re.search(r"val loss [\d.]+ nats/token \(unigram entropy of the corpus: [\d.]+\)", proc.stdout)
     proc = run_cli("sample.py", str(run_dir), "--num_samples", "1", "--max_new_tokens", "10")
