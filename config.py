@@ -38,6 +38,8 @@ class Config:
     norm_eps: float = 1e-5        # explicit, never a library default
     norm_gain: bool = True        # learnable gain in every norm
     prms_fraction: float = 0.0625  # pRMSNorm: share of features the RMS is estimated from
+    fused_add_norm: bool = False  # pre-norm + RMS norms only: each residual add and the norm after it run
+                                  # as one Triton kernel (kernels/rmsnorm.py); same math as unfused
     # --- data ---
     data: str = "stdlib"          # "stdlib" (embedded), a path or glob of text files, or "hf:<dataset>"
     hf_config: str = ""           # Hugging Face dataset config name
@@ -98,7 +100,13 @@ class Config:
             if getattr(self, name) not in valid:
                 raise UserError(f"{name} = {getattr(self, name)!r} is not valid; choose one of {', '.join(valid)}")
         from model.norms import resolve_norm_stack  # checks every norm name and block_norms' length
-        resolve_norm_stack(self)
+        blocks, _ = resolve_norm_stack(self)
+        if self.fused_add_norm:
+            fusable = ("rmsnorm", "triton_rmsnorm")
+            other = sorted({n for pair in blocks for n in pair} - set(fusable))
+            if self.norm_position != "pre" or other:
+                why = "norm_position is 'post'" if self.norm_position != "pre" else f"blocks use {', '.join(other)}"
+                raise UserError(f"fused_add_norm needs pre-norm blocks whose norms are all rmsnorm or triton_rmsnorm; {why}")
         return self
 
     def to_dict(self):

@@ -81,6 +81,28 @@ class Block(nn.Module):
         x = x + self.attn(self.ln_1(x), kv_cache)
         return x + self.mlp(self.ln_2(x))
 
+    def forward_fused(self, x, delta, kv_cache=None):
+        """forward()'s pre-norm math for config.fused_add_norm. It takes and returns (x, delta):
+        delta is the last sublayer output not yet added to x, because each norm does that add in
+        the same kernel as the norm itself:
+
+            x ──(+ delta)── ln_1 ── attn ──> a      x ──(+ a)── ln_2 ── mlp ──> delta'
+        """
+        x, h = add_then_norm(self.ln_1, x, delta)
+        x, h = add_then_norm(self.ln_2, x, self.attn(h, kv_cache))
+        return x, self.mlp(h)
+
+
+def add_then_norm(norm, x, delta):
+    """(x + delta, norm(x + delta)), as one fused kernel when the norm has one (RMSNorm.add_norm)."""
+    if delta is None:
+        return x, norm(x)
+    if getattr(norm, "add_norm", None) is None:
+        x = x + delta
+        return x, norm(x)
+    h, x = norm.add_norm(delta, x)
+    return x, h
+
 
 class GPT(nn.Module):
     def __init__(self, config):
@@ -130,9 +152,15 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of {past + T} tokens exceeds block_size {self.config.block_size}")
         pos = torch.arange(past, past + T, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        delta = None  # with fused_add_norm: the last sublayer output, added to x by the next norm
         for i, block in enumerate(self.transformer.h):
-            x = block(x, None if kv_caches is None else kv_caches[i])
-        logits = self.lm_head(self.transformer.ln_f(x))
+            kv_cache = None if kv_caches is None else kv_caches[i]
+            if self.config.fused_add_norm:
+                x, delta = block.forward_fused(x, delta, kv_cache)
+            else:
+                x = block(x, kv_cache)
+        _, h = add_then_norm(self.transformer.ln_f, x, delta)
+        logits = self.lm_head(h)
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))

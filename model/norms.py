@@ -33,11 +33,51 @@ class LayerNorm(nn.Module):
         return y.to(x.dtype)
 
 
-def rms_normalize(x, eps, stats_features=None):
-    """x / sqrt(mean(x[..., :k]^2) + eps) in fp32, with k = stats_features (default: all features)."""
-    x = upcast(x)
-    part = x if stats_features is None else x[..., :stats_features]
-    return x * torch.rsqrt(part.pow(2).mean(-1, keepdim=True) + eps)
+class _RMSNormFunction(torch.autograd.Function):
+    """RMSNorm (see rms_norm below) with a closed-form backward that saves only x and 1/rms (one value per
+    row). Autograd through the composite formula keeps every intermediate and on CPU ran ~4x slower
+    than F.layer_norm's fused kernel; this runs at about its speed (benchmarks/results_cpu.md).
+
+    With y = x * r * g, r = (mean(x[:k]^2) + eps)^-1/2 and k the features the statistics use:
+        dx = r * g * dy - [j < k] * x * r^3 * sum(g * dy * x) / k,   dg = sum_rows(dy * x * r)
+    Both sums come from one product p = dy * x as matrix-vector products, saving passes over memory.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, eps, k):
+        part = x if k is None else x[..., :k]
+        # ||x||^2 without materialising x^2 (or an fp32 copy of a bf16 x)
+        rstd = torch.linalg.vector_norm(part, dim=-1, keepdim=True, dtype=torch.promote_types(x.dtype, torch.float32))
+        rstd = rstd.square_().div_(part.shape[-1]).add_(eps).rsqrt_()
+        y = x * rstd  # in the statistics' dtype
+        if weight is not None:
+            y.mul_(weight)
+        ctx.save_for_backward(x, weight, rstd)
+        ctx.k = part.shape[-1]
+        return y.to(x.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        x, weight, rstd = ctx.saved_tensors
+        n, k = x.shape[-1], ctx.k
+        xf, dyf, r = x.reshape(-1, n).to(rstd.dtype), dy.reshape(-1, n).to(rstd.dtype), rstd.reshape(-1, 1)
+        p = dyf * xf
+        s = p @ weight.to(p.dtype) if weight is not None else p.sum(-1)
+        dx = dyf * r
+        if weight is not None:
+            dx.mul_(weight)
+        dx[:, :k].addcmul_(xf[:, :k], r.pow(3).squeeze(1).mul_(s).div_(k).unsqueeze(1), value=-1)
+        dw = None
+        if weight is not None and ctx.needs_input_grad[1]:
+            dw = (p.T @ r.squeeze(1)).to(weight.dtype)
+        return dx.view(x.shape).to(x.dtype), dw, None, None
+
+
+def rms_norm(x, weight, eps, stats_features=None):
+    """x / sqrt(mean(x[..., :k]^2) + eps) * weight, k = stats_features (default: all features); the
+    statistics in fp32 (fp64 for fp64 inputs), the output in x's dtype."""
+    return _RMSNormFunction.apply(x, weight, eps, stats_features)
 
 
 class RMSNorm(nn.Module):
@@ -55,10 +95,13 @@ class RMSNorm(nn.Module):
         self.stats_features = None  # all features; PartialRMSNorm estimates from fewer
 
     def forward(self, x):
-        y = rms_normalize(x, self.eps, self.stats_features)
-        if self.weight is not None:
-            y = y * self.weight.to(y.dtype)
-        return y.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps, self.stats_features)
+
+    def add_norm(self, x, residual):
+        """(norm(residual + x), residual + x) in one fused Triton kernel where Triton runs
+        (config.fused_add_norm; see model/gpt.py), else the same math unfused."""
+        from kernels.rmsnorm import add_rms_norm
+        return add_rms_norm(x, residual, self.weight, self.eps)
 
 
 class PartialRMSNorm(RMSNorm):
@@ -68,6 +111,18 @@ class PartialRMSNorm(RMSNorm):
     def __init__(self, dim, config):
         super().__init__(dim, config)
         self.stats_features = max(1, math.ceil(config.prms_fraction * dim))
+
+    add_norm = None  # the fused kernel computes full-width statistics
+
+
+class TritonRMSNorm(RMSNorm):
+    """rmsnorm computed by the fused Triton kernel (kernels/rmsnorm.py). Same parameters, hence
+    the same checkpoint keys, as rmsnorm: a run can switch between the two. Where Triton cannot run
+    it falls back to rmsnorm's math with one warning."""
+
+    def forward(self, x):
+        from kernels.rmsnorm import rms_norm as triton_rms_norm
+        return triton_rms_norm(x, self.weight, self.eps)
 
 
 class ScaleNorm(nn.Module):
@@ -102,6 +157,7 @@ class Identity(nn.Module):
 NORMS = {
     "layernorm": LayerNorm,
     "rmsnorm": RMSNorm,
+    "triton_rmsnorm": TritonRMSNorm,
     "prmsnorm": PartialRMSNorm,
     "scalenorm": ScaleNorm,
     "none": Identity,
