@@ -69,6 +69,7 @@ class Config:
     eval_windows: int = 320       # the FIXED validation set: this many context windows, whatever the batch size
     log_interval: int = 10
     keep_checkpoints: int = 2
+    diagnostics: bool = False     # per-layer norm statistics at eval steps -> diagnostics.jsonl (model/diagnostics.py)
 
     def validate(self):
         positive = ["vocab_size", "block_size", "n_layer", "n_head", "n_embd", "batch_size",

@@ -23,6 +23,7 @@ from config import UserError, load_config, run_main, save_config
 from data.batches import TrainBatches, validation_batches
 from data.prepare import check_data_size, prepare_data
 from model import GPT
+from model.diagnostics import Diagnostics
 
 
 def learning_rate(step, config):
@@ -109,10 +110,16 @@ def train(config, resume=False, log=None):
             if resume and metrics_path.exists() else []
         metrics_path.write_text("".join(l + "\n" for l in kept))
 
+    # per-layer norm statistics at every eval (config.diagnostics; model/diagnostics.py)
+    diagnostics = Diagnostics(accelerator.unwrap_model(model), optimizer, val_tokens, config, state["step"]) \
+        if config.diagnostics and accelerator.is_main_process else None
+
     def record(**entry):
         if accelerator.is_main_process:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(entry) + "\n")
+            if diagnostics is not None and entry["val_loss"] is not None:
+                diagnostics.record(entry["step"])
 
     def checkpoint():
         train_state = {"optimizer": optimizer.state_dict(), "batches": batches.state_dict(),

@@ -1,0 +1,113 @@
+"""Per-layer diagnostics of the norms: how big is what each norm sees, and how much of it is mean.
+
+Recorded at eval steps when `config.diagnostics` is on, one JSON line per eval in
+<out_dir>/diagnostics.jsonl:
+
+    sites        ["block0.attn", "block0.mlp", ..., "final"]   every norm site, in forward order
+    input_rms    per site: RMS of the norm's input, sqrt(mean(x^2)) over features, averaged over tokens
+    offset_ratio per site: |mean(x)| / rms(x) per token, averaged over tokens (1 = all mean, 0 = none)
+    mean_share   per site: mean(x)^2 / mean(x^2) per token, averaged: the share of the input's energy
+                 that a LayerNorm's re-centering removes and an RMSNorm keeps
+    resid_rms    per block: RMS of the residual stream after the block (does it grow with depth?)
+    grad_norm    per block: L2 norm of the block's parameter gradients at the latest optimizer step,
+                 as the optimizer saw them (after clipping; clipping scales every block alike, so the
+                 profile over depth is unchanged), null before the first step
+
+The statistics are pure functions of a tensor (tested on hand-made inputs); the collector runs ONE
+extra forward pass in eval mode on the first fixed validation batch, with hooks that exist only for
+that pass, so training itself is untouched (no RNG is drawn, no hook slows the training steps).
+"""
+import json
+from pathlib import Path
+
+import torch
+
+from data.batches import validation_batches
+
+
+def token_stats(x):
+    """(rms, offset_ratio, mean_share) of x (..., features), each averaged over all tokens.
+
+    Computed in fp64 so that hand-made inputs give exact answers (a constant vector: 1 and 1)."""
+    x = x.detach().double().reshape(-1, x.shape[-1])
+    mean = x.mean(-1)
+    second_moment = x.pow(2).mean(-1)
+    rms = second_moment.sqrt()
+    tiny = torch.finfo(torch.float64).tiny  # an all-zero token counts as having no offset
+    offset_ratio = mean.abs() / rms.clamp_min(tiny)
+    mean_share = mean.pow(2) / second_moment.clamp_min(tiny)
+    return rms.mean().item(), offset_ratio.mean().item(), mean_share.mean().item()
+
+
+def grad_norm(parameters):
+    """L2 norm of all gradients of `parameters` together (parameters without a gradient skipped)."""
+    squares = [p.grad.detach().double().pow(2).sum() for p in parameters if p.grad is not None]
+    return torch.stack(squares).sum().sqrt().item() if squares else None
+
+
+def norm_sites(model):
+    """[(site name, norm module)] for every norm site of a GPT, in forward order."""
+    sites = []
+    for i, block in enumerate(model.transformer.h):
+        sites += [(f"block{i}.attn", block.ln_1), (f"block{i}.mlp", block.ln_2)]
+    return sites + [("final", model.transformer.ln_f)]
+
+
+@torch.no_grad()
+def collect(model, x):
+    """Norm-input statistics and residual RMS for one forward pass of `model` on tokens x."""
+    inputs, resid = {}, []
+    hooks = [module.register_forward_pre_hook(lambda m, args, name=name: inputs.__setitem__(name, token_stats(args[0])))
+             for name, module in norm_sites(model)]
+    hooks += [block.register_forward_hook(lambda m, args, out: resid.append(token_stats(out)[0]))
+              for block in model.transformer.h]
+    was_training, fused = model.training, getattr(model.config, "fused_add_norm", False)
+    model.eval()  # no dropout: the statistics describe the model, not one dropout mask
+    model.config.fused_add_norm = False  # the fused path bypasses the hooks; unfused is the same math
+    try:
+        model(x)
+    finally:
+        model.train(was_training)
+        model.config.fused_add_norm = fused
+        for h in hooks:
+            h.remove()
+    names = [name for name, _ in norm_sites(model)]
+    return {"sites": names,
+            "input_rms": [inputs[n][0] for n in names],
+            "offset_ratio": [inputs[n][1] for n in names],
+            "mean_share": [inputs[n][2] for n in names],
+            "resid_rms": resid}
+
+
+class Diagnostics:
+    """Hooked into train(): `Diagnostics(model, optimizer, val_tokens, config, start_step)` once, then
+    `record(step)` at every eval. Runs on the main process only; `model` is the unwrapped GPT."""
+
+    def __init__(self, model, optimizer, val_tokens, config, start_step=0):
+        model = getattr(model, "_orig_mod", model)  # hooks on the plain module, not a torch.compile wrapper
+        self.model, self.grad_norms = model, None
+        self.path = Path(config.out_dir) / "diagnostics.jsonl"
+        device = next(model.parameters()).device
+        # one batch of fixed validation windows, spread over the whole validation split
+        self.x, _ = next(validation_batches(val_tokens, config.block_size, config.batch_size, config.batch_size,
+                                            device=device))
+        # gradients are gone after optimizer.zero_grad(), so read them just before each real step
+        # (accelerate's wrapper only calls the inner optimizer's step when gradients are synced)
+        getattr(optimizer, "optimizer", optimizer).register_step_pre_hook(self._read_grads)
+        # a resumed run rewrites the steps after its checkpoint, as train() does for metrics.jsonl
+        kept = [l for l in self.path.read_text().splitlines() if json.loads(l)["step"] <= start_step] \
+            if start_step and self.path.exists() else []
+        self.path.write_text("".join(l + "\n" for l in kept))
+
+    def _read_grads(self, optimizer, args, kwargs):
+        self.grad_norms = [grad_norm(block.parameters()) for block in self.model.transformer.h]
+
+    def record(self, step):
+        entry = {"step": step, **collect(self.model, self.x), "grad_norm": self.grad_norms}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+
+
+def read_diagnostics(run_dir):
+    path = Path(run_dir) / "diagnostics.jsonl"
+    return [json.loads(l) for l in path.read_text().splitlines()] if path.exists() else []
