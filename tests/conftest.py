@@ -1,4 +1,6 @@
 import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before any @triton.jit: kernels run on CPU tensors (gpu_check.sh sets 0)
 import sys
 from pathlib import Path
 
