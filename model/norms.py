@@ -34,13 +34,14 @@ class LayerNorm(nn.Module):
 
 
 class _RMSNormFunction(torch.autograd.Function):
-    """RMSNorm (see rms_norm below) with a closed-form backward that saves only x and 1/rms (one value per
-    row). Autograd through the composite formula keeps every intermediate and on CPU ran ~4x slower
-    than F.layer_norm's fused kernel; this runs at about its speed (benchmarks/results_cpu.md).
+    """RMSNorm (see rms_norm below) with a closed-form backward that saves only x and 1/rms (one value
+    per row). Autograd through the composite formula keeps every intermediate, and on CPU it ran ~4x
+    slower than F.layer_norm's fused kernel (figures in benchmarks/results_cpu.md).
 
     With y = x * r * g, r = (mean(x[:k]^2) + eps)^-1/2 and k the features the statistics use:
         dx = r * g * dy - [j < k] * x * r^3 * sum(g * dy * x) / k,   dg = sum_rows(dy * x * r)
-    Both sums come from one product p = dy * x as matrix-vector products, saving passes over memory.
+    Full-width statistics in x's own dtype (fp32, fp64) reuse LayerNorm's fused backward; otherwise
+    both sums come from one product p = dy * x, as matrix-vector products.
     """
 
     @staticmethod
@@ -61,16 +62,22 @@ class _RMSNormFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight, rstd = ctx.saved_tensors
         n, k = x.shape[-1], ctx.k
+        want_dw = weight is not None and ctx.needs_input_grad[1]
+        if k == n and x.dtype == rstd.dtype and (weight is None or weight.dtype == x.dtype):
+            # LayerNorm's fused backward given mean 0 computes r * (g - mean(g) - x_hat * mean(g * x_hat))
+            # with g = dy * weight: RMSNorm's dx less r * mean(g), which one matrix-vector product adds
+            dx, dw, _ = torch.ops.aten.native_layer_norm_backward(
+                dy, x, [n], torch.zeros_like(rstd), rstd, weight, None, [True, want_dw, False])
+            mean_g = (dy @ weight if weight is not None else dy.sum(-1)).unsqueeze(-1).div_(n)
+            return dx.add_(mean_g.mul_(rstd)), dw, None, None
         xf, dyf, r = x.reshape(-1, n).to(rstd.dtype), dy.reshape(-1, n).to(rstd.dtype), rstd.reshape(-1, 1)
         p = dyf * xf
         s = p @ weight.to(p.dtype) if weight is not None else p.sum(-1)
-        dx = dyf * r
+        dw = (p.T @ r.squeeze(1)).to(weight.dtype) if want_dw else None
+        dx = torch.mul(dyf, r, out=p)  # p is spent: reuse its memory
         if weight is not None:
             dx.mul_(weight)
         dx[:, :k].addcmul_(xf[:, :k], r.pow(3).squeeze(1).mul_(s).div_(k).unsqueeze(1), value=-1)
-        dw = None
-        if weight is not None and ctx.needs_input_grad[1]:
-            dw = (p.T @ r.squeeze(1)).to(weight.dtype)
         return dx.view(x.shape).to(x.dtype), dw, None, None
 
 
