@@ -2,12 +2,16 @@
 
 A checkpoint folder holds
     model.safetensors   weights, keys without "_orig_mod." / "module." (loads into any plain GPT)
-    train_state.pt      optimizer, step, data-generator position, counters, hashes (main process)
+    train_state.pt      optimizer, fp16 grad scaler, data-generator position, step and counters (the
+                        learning rate is a function of the step, so the step is the schedule's state)
     rng_rank<R>.pt      every RNG state of process R (python, numpy, torch, CUDA)
     config.json         the resolved config the weights belong to
+    tokenizer.json      the tokenizer, so the folder alone is enough to sample
+    meta.json           step, number of processes, tokenizer and corpus hashes
 It is built in a temporary folder and renamed into place only when complete, so a kill during a
 save leaves the previous checkpoint intact and never a half-written one under a real name.
 """
+import json
 import os
 import random
 import shutil
@@ -20,6 +24,9 @@ from safetensors.torch import load_file, save_file
 from config import UserError, config_from_json, save_config
 
 WRAPPER_PREFIXES = ("_orig_mod.", "module.")  # added by torch.compile and DDP
+# Keys that change the model's parameters or wiring: a resume may not change them.
+ARCHITECTURE_KEYS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias", "norm", "attn_norm",
+                     "mlp_norm", "final_norm", "block_norms", "norm_position", "norm_gain", "prms_fraction")
 
 
 def clean_state_dict(state_dict):
@@ -57,13 +64,14 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(accelerator, run_dir, step, model, train_state, config, keep):
+def save_checkpoint(accelerator, run_dir, step, model, train_state, config, meta, tokenizer_path, keep):
     """Every process calls this (each saves its RNG states); the main process writes the rest."""
     folder = Path(run_dir) / "checkpoints"
     final = folder / f"step_{step:07d}"
     tmp = folder / f".tmp_step_{step:07d}"
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for stale in folder.glob(".tmp_step_*"):  # left by a process killed while saving
+            shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     torch.save(rng_state(), tmp / f"rng_rank{accelerator.process_index}.pt")
@@ -72,15 +80,47 @@ def save_checkpoint(accelerator, run_dir, step, model, train_state, config, keep
         save_file(clean_state_dict(state_dict), tmp / "model.safetensors")
         torch.save(train_state, tmp / "train_state.pt")
         save_config(config, tmp / "config.json")
+        shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
+        (tmp / "meta.json").write_text(json.dumps({"step": step, "num_processes": accelerator.num_processes, **meta}))
         for f in tmp.iterdir():  # flush file contents before the rename makes them "the" checkpoint
             with open(f, "rb+") as fh:
                 os.fsync(fh.fileno())
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
+        fsync_dir(folder)
         for old in list_checkpoints(run_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # makes the rename itself durable
+    finally:
+        os.close(fd)
+
+
+def read_meta(folder):
+    return json.loads((Path(folder) / "meta.json").read_text())
+
+
+def check_resumable(folder, config, tokenizer_hash, num_processes):
+    """Refuse a resume that would change the model's shape, its tokenizer or the process count."""
+    saved = config_from_json(folder / "config.json")
+    changed = [k for k in ARCHITECTURE_KEYS if getattr(saved, k) != getattr(config, k)]
+    if changed:
+        diffs = ", ".join(f"{k} {getattr(saved, k)!r} -> {getattr(config, k)!r}" for k in changed)
+        raise UserError(f"cannot resume {str(folder)!r} with a different model ({diffs}); "
+                        f"only training settings such as max_steps or eval_interval may change")
+    meta = read_meta(folder)
+    if meta["tokenizer_hash"] != tokenizer_hash:
+        raise UserError(f"cannot resume {str(folder)!r}: this config's data gives a different tokenizer "
+                        f"(check data, vocab_size and val_fraction)")
+    if meta["num_processes"] != num_processes:
+        raise UserError(f"cannot resume {str(folder)!r} with {num_processes} processes: it was saved by "
+                        f"{meta['num_processes']} (data order and RNG streams are per process)")
 
 
 def find_checkpoint(path):

@@ -7,7 +7,6 @@ names the problem and what would be valid. The resolved config is saved into the
 import dataclasses
 import difflib
 import json
-import math
 import sys
 import tomllib
 from dataclasses import dataclass, field, fields
@@ -69,12 +68,13 @@ class Config:
     eval_windows: int = 320       # the FIXED validation set: this many context windows, whatever the batch size
     log_interval: int = 10
     keep_checkpoints: int = 2
+    max_bad_steps: int = 5        # stop after this many non-finite (skipped) steps in a row
     diagnostics: bool = False     # per-layer norm statistics at eval steps -> diagnostics.jsonl (model/diagnostics.py)
 
     def validate(self):
         positive = ["vocab_size", "block_size", "n_layer", "n_head", "n_embd", "batch_size",
                     "grad_accum", "max_steps", "eval_interval", "eval_windows", "log_interval",
-                    "keep_checkpoints"]
+                    "keep_checkpoints", "max_bad_steps"]
         for name in positive:
             if getattr(self, name) <= 0:
                 raise UserError(f"{name} must be a positive integer, got {getattr(self, name)}")

@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-from checkpoint import load_model
+from checkpoint import load_model, read_meta
 from config import UserError, run_main
-from data.prepare import END_OF_DOCUMENT
+from data.prepare import END_OF_DOCUMENT, file_sha256
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -32,6 +32,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=1337, help="same seed, same text")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no_cache", action="store_true", help="recompute every step without the KV cache")
+    p.add_argument("--tokenizer", help="a tokenizer.json to use instead of the checkpoint's own (must be the same)")
     args = p.parse_args(argv)
     checks = [(args.num_samples >= 1, "--num_samples must be >= 1"),
               (args.max_new_tokens >= 1, "--max_new_tokens must be >= 1"),
@@ -74,13 +75,12 @@ class StreamingDecoder:
 def generate_samples(args, out=None):
     out = out or sys.stdout
     model, config, folder = load_model(args.run, args.device)
-    tokenizer_file = folder.parent.parent / "tokenizer.json"
+    tokenizer_file = Path(args.tokenizer or folder / "tokenizer.json")
     if not tokenizer_file.is_file():
-        raise UserError(f"no tokenizer.json in the run dir {str(folder.parent.parent)!r}")
+        raise UserError(f"tokenizer {str(tokenizer_file)!r} does not exist")
+    if file_sha256(tokenizer_file) != read_meta(folder)["tokenizer_hash"]:
+        raise UserError(f"tokenizer {str(tokenizer_file)!r} is not the one checkpoint {str(folder)!r} was trained with")
     tokenizer = Tokenizer.from_file(str(tokenizer_file))
-    if tokenizer.get_vocab_size() > config.vocab_size:
-        raise UserError(f"tokenizer {str(tokenizer_file)!r} has {tokenizer.get_vocab_size()} tokens but "
-                        f"the model only {config.vocab_size}: they do not belong together")
     prompt = read_prompt(args)
     ids = tokenizer.encode(prompt, add_special_tokens=False).ids if prompt else []
     ids = [tokenizer.token_to_id(END_OF_DOCUMENT)] + ids  # samples start as a fresh document

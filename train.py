@@ -9,6 +9,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -18,7 +19,7 @@ import torch
 from accelerate import Accelerator
 from tqdm import tqdm
 
-from checkpoint import list_checkpoints, load_weights, save_checkpoint, set_rng_state
+from checkpoint import check_resumable, list_checkpoints, load_weights, save_checkpoint, set_rng_state
 from config import UserError, load_config, run_main, save_config
 from data.batches import TrainBatches, validation_batches
 from data.prepare import check_data_size, prepare_data
@@ -54,14 +55,28 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-def train(config, resume=False, log=None):
-    """Train (or resume) the run in config.out_dir; returns a summary dict of the run."""
+class TrainingDiverged(UserError):
+    """Too many non-finite steps in a row; the last good checkpoint is kept."""
+
+
+def make_accelerator(config):
     # accelerate sets up multi-process CPU training (gloo) only when told cpu=True
     several_processes = int(os.environ.get("WORLD_SIZE", "1")) > 1
     use_cpu = config.device == "cpu" or (several_processes and not torch.cuda.is_available())
-    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=use_cpu,
-                              gradient_accumulation_steps=config.grad_accum)
-    log = log or accelerator.print
+    return Accelerator(mixed_precision=config.mixed_precision, cpu=use_cpu,
+                       gradient_accumulation_steps=config.grad_accum)
+
+
+def train(config, resume=False, log=None):
+    """Train (or resume) the run in config.out_dir; returns a summary dict of the run."""
+    accelerator = make_accelerator(config)
+    try:
+        return _train(config, resume, log or accelerator.print, accelerator)
+    finally:
+        accelerator.end_training()  # without it, torchrun aborted some multi-process runs at exit
+
+
+def _train(config, resume, log, accelerator):
     run_dir = Path(config.out_dir)
     checkpoints = list_checkpoints(run_dir)
     if resume and not checkpoints:
@@ -74,6 +89,8 @@ def train(config, resume=False, log=None):
         data = prepare_data(config, log=log)
     check_data_size(data, config.block_size)
     train_tokens, val_tokens = data.tokens("train"), data.tokens("val")
+    if resume:
+        check_resumable(checkpoints[-1], config, data.tokenizer_hash, accelerator.num_processes)
 
     model = GPT(config)
     log(model.describe_norms())
@@ -86,15 +103,16 @@ def train(config, resume=False, log=None):
     model, optimizer = accelerator.prepare(model, optimizer)
     batches = TrainBatches(train_tokens, config.block_size, config.batch_size, config.seed,
                            accelerator.process_index, accelerator.num_processes)
-    state = {"step": 0, "tokens_seen": 0, "elapsed_s": 0.0, "best_val_loss": float("inf")}
+    state = {"step": 0, "tokens_seen": 0, "elapsed_s": 0.0, "best_val_loss": float("inf"),
+             "skipped_steps": 0, "bad_steps_in_row": 0}
 
     if resume:
         folder = checkpoints[-1]
         saved = torch.load(folder / "train_state.pt", weights_only=False)
-        if saved["tokenizer_hash"] != data.tokenizer_hash:
-            raise UserError(f"cannot resume {str(folder)!r}: its tokenizer differs from this config's data")
         load_weights(accelerator.unwrap_model(model), folder / "model.safetensors")
         optimizer.load_state_dict(saved["optimizer"])
+        if accelerator.scaler is not None and saved["scaler"] is not None:
+            accelerator.scaler.load_state_dict(saved["scaler"])
         batches.load_state_dict(saved["batches"])
         set_rng_state(torch.load(folder / f"rng_rank{accelerator.process_index}.pt", weights_only=False))
         state = saved["counters"]
@@ -104,7 +122,7 @@ def train(config, resume=False, log=None):
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir / "config.json")
-        Path(run_dir / "tokenizer.json").write_bytes(Path(data.tokenizer_path).read_bytes())
+        shutil.copyfile(data.tokenizer_path, run_dir / "tokenizer.json")
         # lines after the resumed step were written by the killed process and will be written again
         kept = [l for l in metrics_path.read_text().splitlines() if json.loads(l)["step"] <= state["step"]] \
             if resume and metrics_path.exists() else []
@@ -122,16 +140,17 @@ def train(config, resume=False, log=None):
                 diagnostics.record(entry["step"])
 
     def checkpoint():
-        train_state = {"optimizer": optimizer.state_dict(), "batches": batches.state_dict(),
-                       "counters": dict(state), "tokenizer_hash": data.tokenizer_hash,
-                       "corpus_hash": data.corpus_hash}
-        save_checkpoint(accelerator, run_dir, state["step"], model, train_state, config, config.keep_checkpoints)
+        train_state = {"optimizer": optimizer.state_dict(), "batches": batches.state_dict(), "counters": dict(state),
+                       "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None}
+        meta = {"tokenizer_hash": data.tokenizer_hash, "corpus_hash": data.corpus_hash}
+        save_checkpoint(accelerator, run_dir, state["step"], model, train_state, config, meta,
+                        data.tokenizer_path, config.keep_checkpoints)
 
     val_loss = None
     if state["step"] == 0:
         val_loss = evaluate(model, val_tokens, config, accelerator)
         record(step=0, train_loss=None, val_loss=val_loss, lr=learning_rate(0, config), tokens_seen=0,
-               elapsed_s=0.0, tokens_per_s=None)
+               elapsed_s=0.0, tokens_per_s=None, skipped_steps=0)
     tokens_per_step = config.batch_size * config.block_size * config.grad_accum * accelerator.num_processes
     progress = tqdm(total=config.max_steps, initial=state["step"], disable=not accelerator.is_local_main_process,
                     desc="train", dynamic_ncols=True)
@@ -144,14 +163,27 @@ def train(config, resume=False, log=None):
         step_loss = torch.zeros((), device=accelerator.device)
         for _ in range(config.grad_accum):
             x, y = batches.next(accelerator.device)
-            with accelerator.accumulate(model):
+            with accelerator.accumulate(model):  # all-reduces gradients on the last micro-step only
                 _, loss = model(x, y)
                 accelerator.backward(loss)  # divides by grad_accum itself
-                if accelerator.sync_gradients and config.grad_clip > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
             step_loss += loss.detach().float() / config.grad_accum
+        # once per optimizer step, on synced gradients; with grad_clip = 0 this only measures the norm
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.grad_clip or float("inf"))
+        if step_is_finite(step_loss, grad_norm, config, accelerator):
+            optimizer.step()  # under fp16 the grad scaler skips steps whose gradients overflowed
+            state["bad_steps_in_row"] = 0
+        else:
+            state["skipped_steps"] += 1
+            state["bad_steps_in_row"] += 1
+            if accelerator.is_main_process:
+                progress.write(f"step {state['step'] + 1}: non-finite loss or gradient, optimizer step skipped "
+                               f"({state['bad_steps_in_row']} in a row)")
+            if state["bad_steps_in_row"] >= config.max_bad_steps:
+                last = list_checkpoints(run_dir)
+                raise TrainingDiverged(
+                    f"training stopped at step {state['step'] + 1}: {config.max_bad_steps} non-finite steps in a row; "
+                    f"last good checkpoint: {last[-1] if last else 'none (no checkpoint was saved yet)'}")
+        optimizer.zero_grad(set_to_none=True)
         step_time = time.perf_counter() - t0
         state["step"] += 1
         state["tokens_seen"] += tokens_per_step
@@ -169,7 +201,8 @@ def train(config, resume=False, log=None):
                 state["best_val_loss"] = min(state["best_val_loss"], val_loss)
             tokens_per_s = interval_tokens / interval_time
             record(step=step, train_loss=train_loss, val_loss=val_loss, lr=lr, tokens_seen=state["tokens_seen"],
-                   elapsed_s=round(state["elapsed_s"], 4), tokens_per_s=round(tokens_per_s, 1))
+                   elapsed_s=round(state["elapsed_s"], 4), tokens_per_s=round(tokens_per_s, 1),
+                   skipped_steps=state["skipped_steps"])
             postfix = {"loss": f"{train_loss:.3f}", "tok/s": f"{tokens_per_s:,.0f}"}
             if val_loss is not None:
                 postfix["val"] = f"{val_loss:.3f}"
@@ -186,12 +219,26 @@ def train(config, resume=False, log=None):
         "tokens_per_s": state["tokens_seen"] / max(state["elapsed_s"], 1e-9),
         "wall_seconds": state["elapsed_s"], "n_params": accelerator.unwrap_model(model).num_params(),
         "corpus_hash": data.corpus_hash, "unigram_entropy": data.unigram_entropy,
+        "skipped_steps": state["skipped_steps"],
     }
     log(f"done: step {result['steps']}, val loss {val_loss:.4f} nats/token "
         f"(unigram entropy of the corpus: {data.unigram_entropy:.4f}), "
         f"{result['tokens_per_s']:,.0f} tokens/s, {result['wall_seconds']:.0f}s of training -> {run_dir}")
-    accelerator.end_training()  # without it, torchrun aborted some multi-process runs at exit
     return result
+
+
+def step_is_finite(step_loss, grad_norm, config, accelerator):
+    """Whether this optimizer step may be taken, decided alike on every process.
+
+    Under fp16, overflowing gradients with a finite loss are normal: the grad scaler skips that step
+    and lowers its scale, so only a non-finite loss counts as bad there."""
+    finite = torch.isfinite(step_loss)
+    if config.mixed_precision != "fp16":
+        finite = finite & torch.isfinite(grad_norm.to(finite.device))
+    finite = finite.float()
+    if accelerator.num_processes > 1:
+        finite = accelerator.reduce(finite, reduction="mean")  # 1.0 only if finite everywhere
+    return finite.item() == 1.0
 
 
 def main():

@@ -1,0 +1,193 @@
+"""Failure injection: kill -9 mid-run and mid-save, non-finite steps, resumes that must be refused,
+and 2-process training that must match 1-process training."""
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train as train_module
+from checkpoint import list_checkpoints, load_model
+from config import UserError
+from train import TrainingDiverged, train
+
+ROOT = Path(__file__).resolve().parent.parent
+TIME_FIELDS = ("elapsed_s", "tokens_per_s")  # wall-clock: the only fields allowed to differ
+
+
+def metrics(run_dir):
+    return [json.loads(l) for l in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_metrics(a, b, tol=1e-6):
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b):
+        for key in ra:
+            if key in TIME_FIELDS:
+                continue
+            if isinstance(ra[key], float):
+                assert rb[key] == pytest.approx(ra[key], rel=tol, abs=tol), (ra["step"], key)
+            else:
+                assert rb[key] == ra[key], (ra["step"], key)
+
+
+def run_args(config):
+    return ["configs/tiny.toml", f"--out_dir={config.out_dir}", f"--cache_dir={config.cache_dir}",
+            f"--dropout={config.dropout}", f"--max_steps={config.max_steps}", f"--eval_interval={config.eval_interval}"]
+
+
+def start_slow_run(config, **env):
+    env = {**os.environ, **{k: str(v) for k, v in env.items()}}
+    return subprocess.Popen([sys.executable, "tests/slow_train.py", *run_args(config)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(condition, proc, timeout=120):
+    deadline = time.time() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended before it could be killed: {proc.stderr.read()[-2000:]}")
+        if time.time() > deadline:
+            proc.kill()
+            pytest.fail("timed out waiting to kill the run")
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, shared_cache):
+    """An uninterrupted fp32 run with dropout: what every interrupted run must reproduce."""
+    from config import load_config
+    config = load_config(ROOT / "configs" / "tiny.toml", {
+        "out_dir": str(tmp_path_factory.mktemp("reference") / "run"), "cache_dir": shared_cache,
+        "dropout": 0.1, "max_steps": 30, "eval_interval": 10})
+    train(config, log=lambda *_: None)
+    return config, metrics(config.out_dir)
+
+
+def test_kill_9_mid_training_then_resume_is_exact(reference, tmp_path):
+    ref_config, ref_metrics = reference
+    config = dataclasses.replace(ref_config, out_dir=str(tmp_path / "killed"))
+    proc = start_slow_run(config, TEST_STEP_DELAY=0.05)
+    # kill between checkpoints: after step 10 was saved and step 15 was logged
+    wait_for(lambda: any(r["step"] >= 15 for r in metrics(config.out_dir)) if list_checkpoints(config.out_dir) else False, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert [p.name for p in list_checkpoints(config.out_dir)] == ["step_0000010"]
+    train(config, resume=True, log=lambda *_: None)
+    assert_same_metrics(ref_metrics, metrics(config.out_dir))
+
+
+def test_kill_9_inside_a_save_keeps_the_previous_checkpoint(reference, tmp_path):
+    ref_config, ref_metrics = reference
+    config = dataclasses.replace(ref_config, out_dir=str(tmp_path / "killed_in_save"))
+    proc = start_slow_run(config, TEST_HANG_SAVE_AT_STEP=20)
+    half_written = Path(config.out_dir) / "checkpoints" / ".tmp_step_0000020"
+    wait_for(lambda: (half_written / "meta.json").exists(), proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert [p.name for p in list_checkpoints(config.out_dir)] == ["step_0000010"]  # the half-written one is not listed
+    model, _, folder = load_model(config.out_dir)
+    assert folder.name == "step_0000010"
+    train(config, resume=True, log=lambda *_: None)
+    assert not half_written.exists()  # cleaned up by the next save
+    assert_same_metrics(ref_metrics, metrics(config.out_dir))
+
+
+def test_checkpoint_holds_everything_a_resume_needs(reference):
+    config, _ = reference
+    folder = list_checkpoints(config.out_dir)[-1]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "config.json", "meta.json", "model.safetensors", "rng_rank0.pt", "tokenizer.json", "train_state.pt"]
+    state = torch.load(folder / "train_state.pt", weights_only=False)
+    assert {"optimizer", "batches", "counters", "scaler"} <= set(state) and state["counters"]["step"] == 30
+    assert state["optimizer"]["state"]  # AdamW moments are there
+    assert {"python", "numpy", "torch"} <= set(torch.load(folder / "rng_rank0.pt", weights_only=False))
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta["step"] == 30 and len(meta["tokenizer_hash"]) == 64 and len(meta["corpus_hash"]) == 64
+    assert not any(k.startswith(("_orig_mod.", "module.")) for k in load_file(folder / "model.safetensors"))
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"n_embd": 64}, "with a different model \\(n_embd 32 -> 64\\)"),
+    ({"norm": "rmsnorm"}, "norm 'layernorm' -> 'rmsnorm'"),
+    ({"val_fraction": 0.2}, "different tokenizer"),
+])
+def test_resume_that_changes_the_model_or_tokenizer_is_refused(reference, change, message):
+    config, _ = reference
+    with pytest.raises(UserError, match=message):
+        train(dataclasses.replace(config, **change), resume=True, log=lambda *_: None)
+
+
+class InjectNonFinite(train_module.GPT):
+    """A GPT whose training loss is inf on chosen training steps (1-based), as a diverging run's is."""
+    bad_steps = set()
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.calls = 0
+
+    def forward(self, idx, targets=None, kv_caches=None):
+        logits, loss = super().forward(idx, targets, kv_caches)
+        if self.training:
+            self.calls += 1
+            if self.calls in self.bad_steps:
+                loss = loss * float("inf")
+        return logits, loss
+
+
+def test_non_finite_steps_are_skipped_and_counted(tiny_config, monkeypatch):
+    monkeypatch.setattr(train_module, "GPT", InjectNonFinite)
+    monkeypatch.setattr(InjectNonFinite, "bad_steps", {3, 4, 12})
+    config = tiny_config(max_steps=20, eval_interval=10)
+    result = train(config, log=lambda *_: None)
+    assert result["skipped_steps"] == 3 and metrics(config.out_dir)[-1]["skipped_steps"] == 3
+    model, _, _ = load_model(config.out_dir)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_too_many_non_finite_steps_stop_the_run_and_keep_the_good_checkpoint(tiny_config, monkeypatch):
+    monkeypatch.setattr(train_module, "GPT", InjectNonFinite)
+    monkeypatch.setattr(InjectNonFinite, "bad_steps", set(range(13, 100)))
+    config = tiny_config(max_steps=30, eval_interval=10, max_bad_steps=3)
+    with pytest.raises(TrainingDiverged, match="training stopped at step 15: 3 non-finite steps in a row; "
+                                               "last good checkpoint: .*step_0000010"):
+        train(config, log=lambda *_: None)
+    assert [p.name for p in list_checkpoints(config.out_dir)] == ["step_0000010"]
+    model, _, _ = load_model(config.out_dir)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def launch(n_processes, *args):
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines=1", "--mixed_precision=no",
+           "--dynamo_backend=no"]
+    cmd += ["--multi_gpu", f"--num_processes={n_processes}"] if n_processes > 1 else ["--num_processes=1"]
+    proc = subprocess.run(cmd + ["train.py", "configs/tiny.toml", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_two_processes_match_one_process_and_resume(tmp_path, shared_cache):
+    common = [f"--cache_dir={shared_cache}", "--max_steps=20", "--eval_interval=10", "--log_interval=5"]
+    single = launch(1, f"--out_dir={tmp_path / 'one'}", "--batch_size=8", *common)
+    double = launch(2, f"--out_dir={tmp_path / 'two'}", "--batch_size=4", *common)
+    assert "processes: 2" in double.stdout and "processes: 1" in single.stdout
+    # same global batch, gradients averaged over processes, val loss summed over both processes' shares
+    assert_same_metrics(metrics(tmp_path / "one"), metrics(tmp_path / "two"), tol=1e-4)
+    # a 2-process run resumes exactly: a copy of the run that lost everything after step 10's
+    # checkpoint (as a kill at step 15 would leave it) is resumed and must retrace the original
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "two", resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_0000020")
+    assert sorted(p.name for p in (resumed / "checkpoints" / "step_0000010").glob("rng_rank*")) == \
+        ["rng_rank0.pt", "rng_rank1.pt"]
+    launch(2, f"--out_dir={resumed}", "--batch_size=4", *common, "--resume")
+    assert_same_metrics(metrics(tmp_path / "two"), metrics(resumed), tol=1e-6)
