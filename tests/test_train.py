@@ -103,14 +103,10 @@ def run_cli(*args):
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("args, message", [
+@pytest.mark.parametrize("args, message", [  # the full table of bad input is in test_bad_input.py
     (["train.py", "configs/tiny.toml", "--n_layers=3"], "unknown config key 'n_layers'; did you mean 'n_layer'?"),
-    (["train.py", "configs/missing.toml"], "does not exist"),
     (["train.py"], "usage: python train.py"),
-    (["sample.py", "no/such/run"], "does not exist"),
-    (["sample.py", "configs", "--top_p", "0.5"], "holds no checkpoints"),
     (["sample.py", "configs", "--top_p", "1.5"], "--top_p must be in (0, 1]"),
-    (["sample.py", "configs", "--temperature", "-1"], "--temperature must be >= 0"),
 ])
 def test_entry_points_fail_with_one_line(args, message):
     proc = run_cli(*args)
