@@ -266,3 +266,14 @@ def test_cpu_autograd_path_matches_fp64(dtype, stats_features):
     torch.testing.assert_close(y.double(), yr, rtol=tol[0], atol=tol[1] * yr.abs().max().item())
     for g, r in zip(got, ref):
         torch.testing.assert_close(g.double(), r, rtol=tol[0], atol=tol[1] * r.abs().max().item())
+
+
+def test_gpt_with_fused_add_norm_compiles_as_one_graph():
+    config = tiny_gpt_config(norm="triton_rmsnorm", fused_add_norm=True)
+    torch.manual_seed(0)
+    model = GPT(config).to(DEVICE)
+    idx = torch.randint(0, 300, (2, 16), device=DEVICE)
+    backend = "inductor" if DEVICE == "cuda" else "aot_eager"
+    _, loss = torch.compile(model, backend=backend, fullgraph=True)(idx, targets=idx)
+    loss.backward()
+    torch.testing.assert_close(loss, model(idx, targets=idx)[1])

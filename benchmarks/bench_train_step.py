@@ -1,0 +1,117 @@
+"""Training-step benchmark: ms/step and tokens/s of the GPT-2-124M-shaped model (configs/gpt2_124m.toml,
+batch 16 x 1024 tokens, bf16 autocast, fused AdamW, random tokens) for each norm variant, eager and
+torch.compile'd. The identity-norm variant bounds what any norm kernel can save.
+
+Run-to-run spread is as large as the effect being measured (~2% on an H200), so the variants run
+round-robin, `--rounds` times `--steps` steps each; reported is the median over rounds of the
+ms/step, with its min-max. Eager and compiled variants of a norm share one model and optimizer.
+
+    python benchmarks/bench_train_step.py [--rounds 5] [--steps 5] [--no-compile] [--json out.json]
+    python benchmarks/bench_train_step.py --tiny --device cpu   # a seconds-long smoke run
+"""
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from config import load_config  # noqa: E402
+from model.gpt import GPT  # noqa: E402
+
+VARIANTS = {
+    "none": dict(norm="none"),
+    "layernorm": dict(norm="layernorm"),
+    "rmsnorm": dict(norm="rmsnorm"),
+    "triton_rmsnorm": dict(norm="triton_rmsnorm"),
+    "triton_rmsnorm+fused_add": dict(norm="triton_rmsnorm", fused_add_norm=True),
+}
+
+
+def make_step(model, optimizer, device):
+    def step(x, y):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            _, loss = model(x, targets=y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per variant per round")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per variant (compiles)")
+    parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset")
+    parser.add_argument("--tiny", action="store_true", help="configs/tiny.toml instead (smoke test)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--max-seconds", type=float, default=0, help="stop adding rounds past this (0: no limit)")
+    parser.add_argument("--json", help="also write the measurements to this JSON file")
+    args = parser.parse_args()
+    began = time.perf_counter()
+    device = torch.device(args.device)
+    config_file = ROOT / "configs" / ("tiny.toml" if args.tiny else "gpt2_124m.toml")
+    batch = 4 if args.tiny else 16
+
+    torch.manual_seed(0)
+    runs = {}  # (variant, mode) -> step function
+    for name in args.variants.split(","):
+        config = load_config(config_file, {**VARIANTS[name], "batch_size": batch, "dropout": 0.0})
+        model = GPT(config).to(device)
+        optimizer = torch.optim.AdamW(model.optimizer_groups(0.1), lr=1e-4, fused=device.type == "cuda")
+        runs[name, "eager"] = make_step(model, optimizer, device)
+        if not args.no_compile:
+            runs[name, "compiled"] = make_step(torch.compile(model), optimizer, device)
+    tokens = torch.randint(0, config.vocab_size, (batch, config.block_size + 1), device=device)
+    x, y = tokens[:, :-1], tokens[:, 1:]
+
+    for key, step in runs.items():
+        start = time.perf_counter()
+        for _ in range(args.warmup):
+            step(x, y)
+        sync(device)
+        print(f"warm-up {key[0]} {key[1]}: {time.perf_counter() - start:.1f}s", file=sys.stderr)
+    ms = {key: [] for key in runs}
+    for round_index in range(args.rounds):
+        if round_index and args.max_seconds and time.perf_counter() - began > args.max_seconds:
+            print(f"time budget spent: {round_index} rounds", file=sys.stderr)
+            break
+        for key, step in runs.items():
+            sync(device)
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                step(x, y)
+            sync(device)
+            ms[key].append((time.perf_counter() - start) / args.steps * 1e3)
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"command: python {' '.join(sys.argv)}")
+    print(f"# {name} | torch {torch.__version__} | {config_file.name}, batch {batch} x {config.block_size}, bf16 autocast")
+    print(f"# median over {len(next(iter(ms.values())))} interleaved rounds of {args.steps} steps (min-max)\n")
+    print("| norm | mode | ms/step | tokens/s | vs none |\n|---|---|---|---|---|")
+    rows = []
+    for (variant, mode), times in ms.items():
+        med = statistics.median(times)
+        base = ms.get(("none", mode))
+        rel = f"{med / statistics.median(base) - 1:+.1%}" if base else ""
+        tok_s = batch * config.block_size / (med * 1e-3)
+        print(f"| {variant} | {mode} | {med:.2f} ({min(times):.2f}-{max(times):.2f}) | {tok_s:,.0f} | {rel} |")
+        rows.append({"part": "gpt", "norm": variant, "mode": mode, "ms_per_step": med, "tok_per_s": tok_s,
+                     "ms_all": times, "device": name})
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The GPU check of the kernel issue, on one CUDA machine, in < ~8 minutes:
+#   1. tests/test_kernels.py with the kernels compiled (TRITON_INTERPRET=0), not interpreted
+#   2. benchmarks/bench_norms.py: copy bandwidth, then fwd and fwd+bwd of every implementation
+#   3. benchmarks/bench_train_step.py: GPT-2-124M step, each norm variant, eager and compiled
+# Usage: benchmarks/gpu_check.sh [OUT_DIR]   (default: $OUT, else benchmarks/results_gpu)
+# Every table lands in OUT_DIR; a failing step is recorded and the next one still runs.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT_DIR="${1:-${OUT:-benchmarks/results_gpu}}"
+PY="${PYTHON:-python3}"
+mkdir -p "$OUT_DIR"
+status=0
+run() {  # run NAME SECONDS CMD...: output to OUT_DIR/NAME.txt (and the terminal)
+    local name=$1 limit=$2; shift 2
+    echo "== $name: $*" | tee -a "$OUT_DIR/summary.txt"
+    local start=$SECONDS
+    timeout "$limit" "$@" 2>&1 | tee "$OUT_DIR/$name.txt"
+    local rc=${PIPESTATUS[0]}
+    echo "== $name: exit $rc after $((SECONDS - start))s" | tee -a "$OUT_DIR/summary.txt"
+    [ "$rc" -eq 0 ] || status=1
+}
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  "$PY" -c "import torch, triton; print('torch', torch.__version__, '| triton', triton.__version__)"; } \
+    > "$OUT_DIR/machine.txt" 2>&1
+cat "$OUT_DIR/machine.txt"
+# budgets (s): ~120 + 100 + 250; most of the last is compiling five GPT variants
+run tests 120 env TRITON_INTERPRET=0 "$PY" -m pytest -q tests/test_kernels.py
+run bench_norms 100 "$PY" benchmarks/bench_norms.py --json "$OUT_DIR/bench_norms.json"
+run bench_train_step 250 "$PY" benchmarks/bench_train_step.py --rounds 5 --steps 5 --max-seconds 200 \
+    --json "$OUT_DIR/bench_train_step.json"
+exit $status
