@@ -1,0 +1,146 @@
+"""Look inside a trained run.
+
+    python analyze.py probe <run dir>         re-centering probe: which norm sites depend on mean subtraction?
+    python analyze.py diagnostics <run dir>   heatmaps of the run's diagnostics.jsonl (config.diagnostics)
+
+The probe flips ONE norm site at a time and evaluates the fixed validation set (train.evaluate):
+  - a site that re-centers (LayerNorm) loses its mean subtraction and keeps its gain and bias: it becomes
+    g * x / sqrt(mean(x²) + eps) + b, i.e. RMSNorm with the LayerNorm's parameters;
+  - any other site (RMSNorm, pRMSNorm, ScaleNorm, none) gets mean subtraction as a pre-step,
+    norm(x - mean(x)), with its own parameters. For RMSNorm that is exactly LayerNorm without bias.
+No weights are retrained, so Δ val loss measures how much the trained weights rely on the site's
+(non-)centering. Outputs: <run dir>/probe.md (also printed), probe.json, probe.png.
+"""
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from accelerate import Accelerator
+
+import plots
+from checkpoint import load_model
+from config import UserError, run_main
+from data.prepare import prepare_data
+from model.diagnostics import norm_sites, read_diagnostics
+from model.norms import LayerNorm, upcast
+from train import evaluate
+
+
+class Centered(nn.Module):
+    """norm(x - mean(x)): mean subtraction added in front of a norm that does not re-center. A pre-step,
+    so it composes with any norm's forward (autograd Functions and Triton kernels included)."""
+
+    def __init__(self, norm):
+        super().__init__()
+        self.norm = norm
+
+    def forward(self, x):
+        xf = upcast(x)  # the mean in fp32, as the norms compute their statistics
+        return self.norm(xf - xf.mean(-1, keepdim=True)).to(x.dtype)
+
+
+class Uncentered(nn.Module):
+    """A LayerNorm without its mean subtraction: g * x / sqrt(mean(x²) + eps) + b, same g, b and eps."""
+
+    def __init__(self, layernorm):
+        super().__init__()
+        self.ln = layernorm
+
+    def forward(self, x):
+        xf = upcast(x)
+        weight = None if self.ln.weight is None else self.ln.weight.to(xf.dtype)
+        y = F.rms_norm(xf, x.shape[-1:], weight, self.ln.eps)
+        if self.ln.bias is not None:
+            y = y + self.ln.bias.to(xf.dtype)
+        return y.to(x.dtype)
+
+
+def recenters(norm):
+    return isinstance(norm, LayerNorm)
+
+
+def with_centering(norm, center):
+    """The site's norm with mean subtraction on (center=True) or off. A site already in that state is
+    returned unchanged, so "flipping" it to what it is changes nothing, bit for bit."""
+    if center == recenters(norm):
+        return norm
+    return Centered(norm) if center else Uncentered(norm)
+
+
+def set_site(model, site, module):
+    """Put `module` at a norm site named as in model.diagnostics.norm_sites ("block2.mlp", "final")."""
+    if site == "final":
+        model.transformer.ln_f = module
+        return
+    block, sublayer = site.split(".")
+    setattr(model.transformer.h[int(block.removeprefix("block"))], {"attn": "ln_1", "mlp": "ln_2"}[sublayer], module)
+
+
+@torch.no_grad()
+def probe(model, val_tokens, config, accelerator, center=None):
+    """One row per norm site: val loss with that site flipped (or, with center=True/False, set to that
+    state) and Δ against the unchanged model."""
+    fused = getattr(model.config, "fused_add_norm", False)
+    model.config.fused_add_norm = False  # the fused path calls the norm's own kernel, not the swapped module
+    try:
+        base = evaluate(model, val_tokens, config, accelerator)
+        rows = []
+        for site, norm in norm_sites(model):
+            target = (not recenters(norm)) if center is None else center
+            set_site(model, site, with_centering(norm, target))
+            try:
+                loss = evaluate(model, val_tokens, config, accelerator)
+            finally:
+                set_site(model, site, norm)
+            change = "same" if target == recenters(norm) else \
+                "mean subtraction removed" if recenters(norm) else "mean subtraction added"
+            rows.append({"site": site, "norm": type(norm).__name__, "recenters": recenters(norm), "change": change,
+                         "val_loss": loss, "base_val_loss": base, "delta": loss - base})
+    finally:
+        model.config.fused_add_norm = fused
+    return rows
+
+
+def probe_table(rows):
+    lines = [f"Val loss of the unchanged model: {rows[0]['base_val_loss']:.4f}", "",
+             "| site | norm | change | val loss | Δ val loss |", "|---|---|---|---|---|"]
+    lines += [f"| {r['site']} | {r['norm']} | {r['change']} | {r['val_loss']:.4f} | {r['delta']:+.4f} |" for r in rows]
+    return "\n".join(lines)
+
+
+def run_probe(run_dir, log=print):
+    run_dir = Path(run_dir)
+    model, config, folder = load_model(run_dir)
+    accelerator = Accelerator(cpu=config.device == "cpu")
+    model.to(accelerator.device)
+    data = prepare_data(config, log=lambda *a: None)
+    rows = probe(model, data.tokens("val"), config, accelerator)
+    table = f"# Re-centering probe of {folder}\n\n{probe_table(rows)}\n"
+    (run_dir / "probe.md").write_text(table)
+    (run_dir / "probe.json").write_text(json.dumps(rows, indent=1))
+    plots.plot_probe(rows, run_dir / "probe.png", f"re-centering probe: {run_dir}")
+    log(table + f"\nwritten: {run_dir / 'probe.md'}, probe.json, probe.png")
+    return rows
+
+
+def run_diagnostics(run_dir, log=print):
+    rows = read_diagnostics(run_dir)
+    if not rows:
+        raise UserError(f"{str(run_dir)!r} has no diagnostics.jsonl; train with diagnostics = true")
+    path = Path(run_dir) / "diagnostics.png"
+    plots.plot_diagnostics(rows, path, str(run_dir))
+    log(f"written: {path}")
+
+
+def main():
+    commands = {"probe": run_probe, "diagnostics": run_diagnostics}
+    if len(sys.argv) != 3 or sys.argv[1] not in commands:
+        raise UserError(f"usage: python analyze.py {{{'|'.join(commands)}}} <run dir>")
+    commands[sys.argv[1]](sys.argv[2])
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,102 @@
+"""The PNGs of a comparison and of the probe: loss curves, diagnostics heatmaps, probe bars.
+
+Headless (Agg backend): these run in CI and under nohup, where there is no display.
+"""
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def eval_curve(metrics):
+    """(steps, elapsed seconds, val losses) of a run's eval rows, step 0 left out: it is the
+    untrained model (log(vocab_size) for every variant) and would squash the interesting range."""
+    rows = [r for r in metrics if r.get("val_loss") is not None and r["step"] > 0]
+    return (np.array([r["step"] for r in rows]), np.array([r["elapsed_s"] for r in rows]),
+            np.array([r["val_loss"] for r in rows]))
+
+
+def plot_loss_curves(curves, path_step, path_time, title=""):
+    """curves: {variant: [metrics rows of each seed]}. One line per variant: the mean over seeds,
+    with a min-max band. Against wall-clock, x is the mean over seeds of the training seconds at
+    each eval step (seeds of one variant share their eval steps)."""
+    for path, use_time in ((path_step, False), (path_time, True)):
+        fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
+        for variant, runs in curves.items():
+            runs = [eval_curve(m) for m in runs]
+            n = min((len(r[0]) for r in runs), default=0)  # a failed or short seed trims the curve
+            if n == 0:
+                continue
+            losses = np.stack([r[2][:n] for r in runs])
+            x = np.stack([r[1][:n] for r in runs]).mean(0) if use_time else runs[0][0][:n]
+            line, = ax.plot(x, losses.mean(0), marker="o", markersize=3, label=f"{variant} ({len(runs)} seeds)")
+            ax.fill_between(x, losses.min(0), losses.max(0), color=line.get_color(), alpha=0.2, linewidth=0)
+        ax.set_xlabel("training seconds (eval excluded)" if use_time else "step")
+        ax.set_ylabel("val loss (nats/token)")
+        ax.set_title(f"{title}: val loss vs {'wall-clock' if use_time else 'step'}", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path)
+        plt.close(fig)
+
+
+HEATMAPS = [("input_rms", "RMS of norm input", "sites"), ("offset_ratio", "|mean| / rms of norm input", "sites"),
+            ("mean_share", "mean² / mean(x²) of norm input", "sites"), ("resid_rms", "residual RMS after block", "blocks"),
+            ("grad_norm", "gradient norm per block", "blocks")]
+
+
+def average_diagnostics(runs):
+    """Element-wise mean over seeds of diagnostics.jsonl rows, at the eval steps all seeds share."""
+    steps = sorted(set.intersection(*[{r["step"] for r in rows} for rows in runs])) if runs else []
+    by_step = [{r["step"]: r for r in rows} for rows in runs]
+    mean = []
+    for step in steps:
+        entry = {"step": step, "sites": by_step[0][step]["sites"]}
+        for key, _, _ in HEATMAPS:
+            values = [b[step][key] for b in by_step if b[step][key] is not None]
+            entry[key] = np.mean(values, axis=0).tolist() if values else None
+        mean.append(entry)
+    return mean
+
+
+def plot_diagnostics(rows, path, title=""):
+    """Heatmaps (layer x eval step) of every diagnostic in rows (diagnostics.jsonl, or a seed mean)."""
+    fig, axes = plt.subplots(1, len(HEATMAPS), figsize=(3.3 * len(HEATMAPS), 3.2), dpi=80)
+    steps = [r["step"] for r in rows]
+    for ax, (key, label, kind) in zip(axes, HEATMAPS):
+        present = [r for r in rows if r[key] is not None]  # grad_norm is null before the first step
+        if not present:
+            ax.set_axis_off()
+            continue
+        grid = np.array([r[key] for r in present]).T  # rows: sites or blocks, columns: eval steps
+        image = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
+        names = rows[0]["sites"] if kind == "sites" else [f"block{i}" for i in range(grid.shape[0])]
+        ax.set_yticks(range(len(names)), names, fontsize=7)
+        ticks = np.unique(np.linspace(0, len(present) - 1, min(6, len(present))).round().astype(int))
+        ax.set_xticks(ticks, [present[i]["step"] for i in ticks], fontsize=7)
+        ax.set_xlabel("step", fontsize=8)
+        ax.set_title(label, fontsize=8)
+        fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.suptitle(f"{title} (eval steps {steps[0]}..{steps[-1]})" if steps else title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_probe(rows, path, title=""):
+    """Horizontal bars: change in val loss when each norm site's re-centering is flipped."""
+    fig, ax = plt.subplots(figsize=(6.4, 0.35 * len(rows) + 1.2), dpi=100)
+    labels = [f"{r['site']} ({r['norm']})" for r in rows]
+    colors = ["tab:blue" if r["recenters"] else "tab:orange" for r in rows]
+    ax.barh(range(len(rows)), [r["delta"] for r in rows], color=colors)
+    ax.set_yticks(range(len(rows)), labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.axvline(0, color="black", linewidth=0.8)
+    ax.set_xlabel("Δ val loss when the site is flipped (nats/token)")
+    ax.set_title(f"{title}\nblue: re-centering removed, orange: re-centering added", fontsize=9)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -1,0 +1,182 @@
+"""compare.py end to end on a tiny comparison: files, identical batches per seed, summary vs per-run
+files, restart, a failing variant, bad configs; and analyze.py's probe on one of its runs."""
+import csv
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import compare
+import train as train_module
+from analyze import run_probe
+from config import UserError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def write_comparison(folder, cache, variants, seeds=(1, 2), extra_base=""):
+    """A comparison TOML based on configs/tiny.toml, with its outputs and data cache in tmp folders."""
+    text = [f'base_config = "{ROOT / "configs" / "tiny.toml"}"', f'out_dir = "{folder / "out"}"',
+            f"seeds = {list(seeds)}", 'baseline = "layernorm"', "target_val_loss = 5.6", "",
+            "[base]", f'cache_dir = "{cache}"', "diagnostics = true", extra_base]
+    for name, overrides in variants.items():
+        text += [f"[variants.{name}]"] + [f"{k} = {json.dumps(v)}" for k, v in overrides.items()]
+    path = folder / "comparison.toml"
+    path.write_text("\n".join(text) + "\n")
+    return path
+
+
+class HashedBatches(train_module.TrainBatches):
+    """The trainer's own batch generator, recording a digest of every batch it hands out."""
+    created = []
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.digest = hashlib.sha256()
+        HashedBatches.created.append(self)
+
+    def next(self, device="cpu"):
+        x, y = super().next(device)
+        self.digest.update(x.numpy().tobytes() + y.numpy().tobytes())
+        return x, y
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, shared_cache):
+    """configs/compare_tiny.toml's shape (2 variants x 2 seeds), run once with the batches hashed."""
+    folder = tmp_path_factory.mktemp("compare")
+    variants = {"layernorm": {"norm": "layernorm"}, "rmsnorm": {"norm": "rmsnorm"}}
+    path = write_comparison(folder, shared_cache, variants)
+    val_digests = []
+
+    def hashed_validation(*args, **kwargs):
+        digest = hashlib.sha256()
+        for x, y in original_validation(*args, **kwargs):
+            digest.update(x.numpy().tobytes() + y.numpy().tobytes())
+            yield x, y
+        val_digests.append(digest.hexdigest())
+
+    original_validation = train_module.validation_batches
+    HashedBatches.created = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train_module, "TrainBatches", HashedBatches)
+        mp.setattr(train_module, "validation_batches", hashed_validation)
+        rows, summary = compare.compare(path, log=lambda *a: None)
+    train_digests = [b.digest.hexdigest() for b in HashedBatches.created]
+    return path, folder / "out", rows, summary, train_digests, val_digests
+
+
+def test_the_shipped_tiny_comparison_is_two_variants_by_two_seeds():
+    comparison = compare.load_comparison(ROOT / "configs" / "compare_tiny.toml")
+    assert len(comparison.variants) == 2 and len(comparison.seeds) == 2 and len(comparison.runs) == 4
+    default = compare.load_comparison(ROOT / "configs" / "compare_default.toml")
+    assert len(default.variants) == 5 and len(default.seeds) == 3
+
+
+def test_tiny_comparison_produces_every_file(tiny):
+    _, out, rows, _, _, _ = tiny
+    for name in ["results.csv", "results.json", "summary.md", "summary.json", "val_loss_vs_step.png",
+                 "val_loss_vs_time.png", "diagnostics_layernorm.png", "diagnostics_rmsnorm.png"]:
+        assert (out / name).stat().st_size > 0, name
+    assert [(r["variant"], r["seed"]) for r in rows] == [("layernorm", 1), ("rmsnorm", 1), ("layernorm", 2), ("rmsnorm", 2)]
+    for r in rows:
+        assert r["status"] == "ok"
+        for name in ["metrics.jsonl", "diagnostics.jsonl", "result.json", "config.json"]:
+            assert (Path(r["run_dir"]) / name).is_file()
+    assert "![val loss vs time](val_loss_vs_time.png)" in (out / "summary.md").read_text()
+
+
+def test_same_seed_same_batches_for_every_variant(tiny):
+    *_, train_digests, val_digests = tiny
+    ln1, rms1, ln2, rms2 = train_digests  # runs in order: seeds outer, variants inner
+    assert ln1 == rms1 and ln2 == rms2
+    assert ln1 != ln2  # the hash does see the data: another seed gives other batches
+    assert len(val_digests) == 4 * 3 and len(set(val_digests)) == 1  # 3 evals per run, one fixed set
+
+
+def test_summary_agrees_with_per_run_files(tiny):
+    _, out, _, summary, _, _ = tiny
+    with open(out / "results.csv") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == 4
+    for row in table:
+        metrics = [json.loads(l) for l in (Path(row["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+        evals = [m for m in metrics if m["val_loss"] is not None]
+        assert float(row["final_val_loss"]) == pytest.approx(evals[-1]["val_loss"])
+        assert float(row["time_to_target_s"]) == next(m["elapsed_s"] for m in evals if m["val_loss"] <= 5.6)
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved == summary
+    text = (out / "summary.md").read_text()
+    for entry in summary:
+        losses = [float(r["final_val_loss"]) for r in table if r["variant"] == entry["variant"]]
+        assert entry["mean"] == pytest.approx(np.mean(losses)) and entry["std"] == pytest.approx(np.std(losses, ddof=1))
+        assert f"{entry['mean']:.4f} ± {entry['std']:.4f}" in text
+    rms = summary[1]
+    assert rms["delta"] == pytest.approx(rms["mean"] - summary[0]["mean"])
+    assert 0 <= rms["p_value"] <= 1 and rms["verdict"] in ("within seed noise", "lower (better)", "higher (worse)")
+
+
+def test_restart_skips_finished_runs_and_resumes_an_interrupted_one(tiny, monkeypatch):
+    path, out, rows, summary, _, _ = tiny
+    (Path(rows[3]["run_dir"]) / "result.json").unlink()  # as if killed after its last checkpoint
+    calls = []
+    real_train = train_module.train
+    monkeypatch.setattr(train_module, "train", lambda config, resume=False, log=None:
+                        calls.append((config.out_dir, resume)) or real_train(config, resume=resume, log=log))
+    again, summary_again = compare.compare(path, log=lambda *a: None)
+    assert calls == [(rows[3]["run_dir"], True)]
+    assert [r["final_val_loss"] for r in again] == pytest.approx([r["final_val_loss"] for r in rows])
+
+
+def test_a_changed_config_is_not_mixed_with_old_runs(tiny, tmp_path):
+    path, *_ = tiny
+    changed = tmp_path / "changed.toml"
+    changed.write_text(path.read_text().replace("diagnostics = true", "diagnostics = true\nlearning_rate = 0.005"))
+    with pytest.raises(UserError, match="different config"):
+        compare.compare(changed, log=lambda *a: None)
+
+
+def test_probe_on_a_trained_run(tiny):
+    _, _, rows, *_ = tiny
+    run_dir = Path(rows[1]["run_dir"])
+    probe = run_probe(run_dir, log=lambda *a: None)
+    assert [r["site"] for r in probe] == ["block0.attn", "block0.mlp", "block1.attn", "block1.mlp", "final"]
+    assert all(r["change"] == "mean subtraction added" for r in probe)
+    assert (run_dir / "probe.png").is_file() and "| final | RMSNorm |" in (run_dir / "probe.md").read_text()
+
+
+def test_a_failing_variant_is_reported_and_the_others_complete(tmp_path, shared_cache):
+    variants = {"layernorm": {"norm": "layernorm"}, "broken": {"data": str(tmp_path / "missing" / "*.txt")}}
+    path = write_comparison(tmp_path, shared_cache, variants, seeds=(1,), extra_base="max_steps = 10")
+    rows, summary = compare.compare(path, log=lambda *a: None)
+    assert [r["status"] for r in rows] == ["ok", "failed"]
+    assert "does not exist" in rows[1]["error"] and (Path(rows[1]["run_dir"]) / "error.txt").is_file()
+    text = (tmp_path / "out" / "summary.md").read_text()
+    assert "## Failed runs" in text and "broken seed 1" in text
+    assert summary[1]["n_ok"] == 0 and summary[0]["n_ok"] == 1
+
+
+@pytest.mark.parametrize("body, message", [
+    ('seeds = [1]\nout_dir = "x"\ntarget_val_loss = 5\n[variants.a]\nnrom = "rmsnorm"\n', "variant 'a': unknown config key 'nrom'"),
+    ('seeds = [1]\nout_dir = "x"\ntarget_val_loss = 5\nbaseline = "b"\n[variants.a]\n', "baseline 'b' is not a variant"),
+    ('seeds = []\nout_dir = "x"\ntarget_val_loss = 5\n[variants.a]\n', "seeds must be"),
+    ('seeds = [1]\nout_dir = "x"\ntarget_val_loss = 5\n[variants.a]\nseed = 3\n', "sets seed"),
+    ('seeds = [1]\nout_dir = "x"\n[variants.a]\n', "target_val_loss"),
+    ('seed = [1]\n', "unknown key"),
+])
+def test_bad_comparison_configs_are_one_line_errors(tmp_path, body, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(body)
+    with pytest.raises(UserError, match=message.replace("[", r"\[")) as e:
+        compare.load_comparison(path)
+    assert "\n" not in str(e.value)
+
+
+def test_command_line_error_is_one_line(tmp_path):
+    done = subprocess.run([sys.executable, str(ROOT / "compare.py"), str(tmp_path / "nope.toml")],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "does not exist" in done.stderr

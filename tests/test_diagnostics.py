@@ -1,0 +1,117 @@
+"""Diagnostics statistics on hand-made inputs, their hook in training, and the re-centering probe."""
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+from analyze import Centered, Uncentered, probe, with_centering
+from config import apply_overrides
+from model import GPT
+from model.diagnostics import collect, grad_norm, norm_sites, token_stats
+from model.norms import LayerNorm, RMSNorm
+from train import train
+
+
+def test_constant_vector_is_all_mean():
+    rms, offset, share = token_stats(torch.full((3, 8), -2.5))
+    assert rms == pytest.approx(2.5) and offset == 1.0 and share == 1.0
+
+
+def test_zero_mean_vector_has_no_offset():
+    x = torch.tensor([[1.0, -1.0, 3.0, -3.0], [0.5, -0.5, 0.0, 0.0]])
+    rms, offset, share = token_stats(x)
+    assert offset == 0.0 and share == 0.0
+    assert rms == pytest.approx((math.sqrt(5.0) + math.sqrt(0.125)) / 2)
+
+
+def test_partial_offset_and_all_zero_token():
+    # x = 1 + [a, -a]: mean 1, mean(x^2) = 1 + a^2, so share 1 / (1 + a^2) and ratio its square root
+    a = 3.0
+    rms, offset, share = token_stats(torch.tensor([[1 + a, 1 - a]]))
+    assert share == pytest.approx(1 / (1 + a * a)) and offset == pytest.approx(1 / math.sqrt(1 + a * a))
+    assert token_stats(torch.zeros(2, 4)) == (0.0, 0.0, 0.0)  # no division by zero
+
+
+def test_grad_norm_of_hand_made_gradients():
+    a, b, c = (torch.nn.Parameter(torch.zeros(2)) for _ in range(3))
+    a.grad, b.grad = torch.tensor([3.0, 0.0]), torch.tensor([0.0, 4.0])
+    assert grad_norm([a, b, c]) == pytest.approx(5.0) and grad_norm([c]) is None
+
+
+def test_collect_sees_every_norm_site(small_model_config):
+    config = small_model_config(n_layer=3, block_norms="layernorm,rmsnorm*2", final_norm="scalenorm")
+    model = GPT(config).train()
+    stats = collect(model, torch.randint(0, config.vocab_size, (2, 8)))
+    assert stats["sites"] == ["block0.attn", "block0.mlp", "block1.attn", "block1.mlp", "block2.attn", "block2.mlp", "final"]
+    assert all(len(stats[k]) == 7 for k in ("input_rms", "offset_ratio", "mean_share")) and len(stats["resid_rms"]) == 3
+    # the final norm's input is the last block's output
+    assert stats["input_rms"][-1] == pytest.approx(stats["resid_rms"][-1])
+    assert model.training and not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
+
+
+def test_diagnostics_are_recorded_at_evals_and_do_not_change_training(tiny_config):
+    plain = tiny_config(out_dir=str(Path(tiny_config().out_dir).parent / "plain"), max_steps=10, eval_interval=5)
+    with_diag = tiny_config(max_steps=10, eval_interval=5, diagnostics=True)
+    a, b = train(plain, log=lambda *_: None), train(with_diag, log=lambda *_: None)
+    assert a["final_val_loss"] == b["final_val_loss"] and a["final_train_loss"] == b["final_train_loss"]
+    rows = [json.loads(l) for l in (Path(with_diag.out_dir) / "diagnostics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 5, 10]
+    assert rows[0]["grad_norm"] is None and all(g > 0 for g in rows[-1]["grad_norm"])
+    assert not (Path(plain.out_dir) / "diagnostics.jsonl").exists()
+
+
+def norm_config(small_model_config, **overrides):
+    return small_model_config(**{"n_embd": 16, "bias": True, **overrides})
+
+
+def test_centered_rmsnorm_is_layernorm_with_the_same_gain(small_model_config):
+    config = norm_config(small_model_config, bias=False)
+    rms, ln = RMSNorm(16, config), LayerNorm(16, config)
+    with torch.no_grad():
+        rms.weight.copy_(torch.randn(16))
+        ln.weight.copy_(rms.weight)
+    x = torch.randn(4, 16) + 3.0
+    torch.testing.assert_close(Centered(rms)(x), ln(x), rtol=1e-5, atol=1e-5)
+
+
+def test_uncentered_layernorm_is_rmsnorm_with_the_same_gain_and_bias(small_model_config):
+    config = norm_config(small_model_config)
+    ln, rms = LayerNorm(16, config), RMSNorm(16, config)
+    with torch.no_grad():
+        ln.weight.copy_(torch.randn(16))
+        ln.bias.copy_(torch.randn(16))
+        rms.weight.copy_(ln.weight)
+    x = torch.randn(4, 16) + 3.0
+    torch.testing.assert_close(Uncentered(ln)(x), rms(x) + ln.bias, rtol=1e-5, atol=1e-5)
+    zero_mean = x - x.mean(-1, keepdim=True)  # nothing to remove: the same as the LayerNorm
+    torch.testing.assert_close(Uncentered(ln)(zero_mean), ln(zero_mean), rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture
+def mixed_model(small_model_config):
+    config = small_model_config(block_norms="layernorm,rmsnorm", final_norm="prmsnorm", eval_windows=8, batch_size=4)
+    torch.manual_seed(0)
+    return GPT(config).eval(), config, torch.randint(0, config.vocab_size, (400,)).numpy()
+
+
+def test_probe_has_one_row_per_site_and_flips_each(mixed_model):
+    model, config, val_tokens = mixed_model
+    rows = probe(model, val_tokens, config, Accelerator(cpu=True))
+    assert [r["site"] for r in rows] == [name for name, _ in norm_sites(model)]
+    assert [r["change"] for r in rows] == ["mean subtraction removed"] * 2 + ["mean subtraction added"] * 3
+    assert all(r["delta"] != 0 for r in rows)  # a random model's norm inputs have a mean to remove
+    assert [type(m).__name__ for _, m in norm_sites(model)] == ["LayerNorm"] * 2 + ["RMSNorm"] * 2 + ["PartialRMSNorm"]
+
+
+def test_a_site_changed_to_the_same_norm_gives_exactly_zero(mixed_model):
+    model, config, val_tokens = mixed_model
+    for _, norm in norm_sites(model):
+        assert with_centering(norm, isinstance(norm, LayerNorm)) is norm
+    accelerator = Accelerator(cpu=True)
+    for center in (True, False):
+        rows = probe(model, val_tokens, config, accelerator, center=center)
+        same = [r for r in rows if r["recenters"] == center]
+        assert same and all(r["delta"] == 0.0 and r["change"] == "same" for r in same)
