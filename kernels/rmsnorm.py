@@ -107,7 +107,7 @@ def _rows(t: Tensor, n: int) -> Tensor:
 
 
 def _block(n: int):
-    block = min(triton.next_power_of_2(n), MAX_ONE_BLOCK)
+    block = min(max(triton.next_power_of_2(n), 16), MAX_ONE_BLOCK)  # tiny rows: a masked 16-wide block
     num_warps = min(max(block // 256, 1), 16)  # ~8 fp32 values per thread per array
     return block, block >= n, num_warps
 
