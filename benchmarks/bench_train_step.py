@@ -6,8 +6,8 @@ Run-to-run spread is as large as the effect being measured (~2% on an H200), so 
 round-robin, `--rounds` times `--steps` steps each; reported is the median over rounds of the
 ms/step, with its min-max. Eager and compiled variants of a norm share one model and optimizer.
 
-    python benchmarks/bench_train_step.py [--rounds 5] [--steps 5] [--no-compile] [--json out.json]
-    python benchmarks/bench_train_step.py --tiny --device cpu   # a seconds-long smoke run
+    python benchmarks/bench_train_step.py [--rounds 5] [--steps 5] [--modes eager,compiled] [--json out.json]
+    python benchmarks/bench_train_step.py --tiny --device cpu --modes eager   # a seconds-long smoke run
 """
 import argparse
 import json
@@ -52,7 +52,7 @@ def main():
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per variant per round")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per variant (compiles)")
-    parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--modes", default="eager,compiled", help="eager, compiled or both")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset")
     parser.add_argument("--tiny", action="store_true", help="configs/tiny.toml instead (smoke test)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -70,8 +70,9 @@ def main():
         config = load_config(config_file, {**VARIANTS[name], "batch_size": batch, "dropout": 0.0})
         model = GPT(config).to(device)
         optimizer = torch.optim.AdamW(model.optimizer_groups(0.1), lr=1e-4, fused=device.type == "cuda")
-        runs[name, "eager"] = make_step(model, optimizer, device)
-        if not args.no_compile:
+        if "eager" in args.modes:
+            runs[name, "eager"] = make_step(model, optimizer, device)
+        if "compiled" in args.modes:
             runs[name, "compiled"] = make_step(torch.compile(model), optimizer, device)
     tokens = torch.randint(0, config.vocab_size, (batch, config.block_size + 1), device=device)
     x, y = tokens[:, :-1], tokens[:, 1:]

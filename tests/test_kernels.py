@@ -191,9 +191,10 @@ def test_gpt_with_triton_rmsnorm_matches_rmsnorm(fused):
         results.append((loss, {n: p.grad for n, p in model.named_parameters()}))
     (loss_a, grads_a), (loss_b, grads_b) = results
     assert grads_a.keys() == grads_b.keys()  # same parameter names: checkpoints are interchangeable
-    torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=1e-6)
+    atol = 1e-5 if DEVICE == "cuda" else 1e-6  # CUDA attention kernels reduce in their own order
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=atol)
     for name in grads_a:
-        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-4, atol=atol, msg=name)
 
 
 def test_fused_add_norm_config_is_validated():
@@ -277,3 +278,14 @@ def test_gpt_with_fused_add_norm_compiles_as_one_graph():
     _, loss = torch.compile(model, backend=backend, fullgraph=True)(idx, targets=idx)
     loss.backward()
     torch.testing.assert_close(loss, model(idx, targets=idx)[1])
+
+
+def test_cpu_autograd_path_compiles_as_one_graph():
+    x = torch.randn(8, 32, requires_grad=True)
+    w = torch.randn(32, requires_grad=True)
+    for k in (None, 5):
+        compiled = torch.compile(lambda x, w: rms_norm(x, w, EPS, k), backend="aot_eager", fullgraph=True)
+        got = torch.autograd.grad(compiled(x, w).sum(), (x, w))
+        ref = torch.autograd.grad(rms_norm(x, w, EPS, k).sum(), (x, w))
+        for g, r in zip(got, ref):
+            torch.testing.assert_close(g, r)
