@@ -8,7 +8,6 @@ Each is a `torch.library.triton_op` with a registered autograd formula, so torch
 without TRITON_INTERPRET=1, or triton not installed) both fall back, with one warning, to the
 reference math in model/norms.py.
 """
-import os
 import warnings
 from typing import Optional
 
@@ -23,6 +22,8 @@ try:
 except ImportError:  # e.g. macOS or Windows, where there is no triton wheel
     triton = None
 
+# TRITON_INTERPRET=1 at import made @triton.jit build interpreted kernels, which run on CPU tensors only
+INTERPRETED = triton is not None and not isinstance(rmsnorm_fwd_kernel, JITFunction)
 MAX_ONE_BLOCK = 8192  # widest row kept in registers; wider rows are processed in chunks this wide
 _warned = False
 
@@ -30,8 +31,7 @@ _warned = False
 def triton_runs_on(t: Tensor) -> bool:
     if triton is None:
         return False
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"  # the interpreter runs on CPU tensors
-    return (t.device.type == "cuda" and not interpret) or (t.device.type == "cpu" and interpret)
+    return (t.device.type == "cuda" and not INTERPRETED) or (t.device.type == "cpu" and INTERPRETED)
 
 
 def _warn_fallback(t):
@@ -91,7 +91,7 @@ def _define(name):
     def register(fn):
         if triton is None:
             return fn  # never called: rms_norm() falls back before reaching the ops
-        if isinstance(rmsnorm_fwd_kernel, JITFunction):
+        if not INTERPRETED:
             return torch.library.triton_op(f"normgpt::{name}", fn, mutates_args=())
         op = torch.library.custom_op(f"normgpt::{name}", fn, mutates_args=())
         op.register_fake(fn)

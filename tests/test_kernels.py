@@ -3,7 +3,6 @@
 On CPU they run in Triton's interpreter (conftest.py sets TRITON_INTERPRET=1; ~ms per row, so inputs
 here have a few rows); benchmarks/gpu_check.sh runs this file compiled on a GPU (TRITON_INTERPRET=0).
 """
-import os
 import warnings
 
 import pytest
@@ -16,8 +15,7 @@ from model.norms import rms_norm
 pytest.importorskip("triton")
 from kernels import rmsnorm as K  # noqa: E402
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
+DEVICE = "cpu" if K.INTERPRETED or not torch.cuda.is_available() else "cuda"
 pytestmark = pytest.mark.skipif(not K.triton_runs_on(torch.empty(0, device=DEVICE)),
                                 reason="Triton cannot run here (no GPU and TRITON_INTERPRET is not 1)")
 
@@ -234,7 +232,7 @@ def test_compiles_without_graph_break():
 
 
 def test_falls_back_with_one_warning(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(K, "INTERPRETED", False)  # as if TRITON_INTERPRET had been unset at import
     monkeypatch.setattr(K, "_warned", False)
     x = torch.randn(4, 32)  # a CPU tensor without the interpreter: Triton cannot run it
     w = torch.randn(32)
