@@ -45,7 +45,8 @@ from model.diagnostics import read_diagnostics
 
 COMPARISON_KEYS = {"base_config", "base", "out_dir", "seeds", "baseline", "target_val_loss", "variants"}
 RESULT_KEYS = ["variant", "seed", "status", "final_val_loss", "best_val_loss", "final_train_loss", "tokens_per_s",
-               "wall_seconds", "time_to_target_s", "steps", "n_params", "corpus_hash", "run_dir", "error"]
+               "wall_seconds", "time_to_target_s", "steps", "n_params", "corpus_hash", "run_seconds", "load_at_start",
+               "run_dir", "error"]
 P_THRESHOLD = 0.05
 
 
@@ -145,6 +146,9 @@ def run_one(variant, seed, config, target, log=print):
     # each step is counted once (the lost steps after the checkpoint are redone and timed again).
     resume = bool(list_checkpoints(run_dir))
     log(f"[{variant} seed {seed}] {'resuming' if resume else 'training'} -> {run_dir}")
+    # the whole run's wall clock (startup and evals included) and the machine's load as it started:
+    # on a shared machine the load says how far tokens/s can be trusted
+    started, row["load_at_start"] = time.time(), round(os.getloadavg()[0], 2)
     try:
         result = train(config, resume=resume, log=lambda *a: None)
     except KeyboardInterrupt:
@@ -158,7 +162,8 @@ def run_one(variant, seed, config, target, log=print):
     (run_dir / "error.txt").unlink(missing_ok=True)
     keys = ["final_val_loss", "best_val_loss", "final_train_loss", "tokens_per_s", "wall_seconds", "steps",
             "n_params", "corpus_hash"]
-    row.update({k: result[k] for k in keys}, time_to_target_s=time_to_target(read_metrics(run_dir), target))
+    row.update({k: result[k] for k in keys}, time_to_target_s=time_to_target(read_metrics(run_dir), target),
+               run_seconds=round(time.time() - started, 1))
     done.write_text(json.dumps({"row": row, "config": config.to_dict()}, indent=1))
     log(f"[{variant} seed {seed}] val loss {row['final_val_loss']:.4f}, {row['tokens_per_s']:,.0f} tokens/s")
     return row
@@ -169,9 +174,10 @@ def summarize(rows, comparison):
 
     Verdict rule: a variant is called "lower"/"higher" than the baseline only when BOTH the Welch
     t-test gives p < 0.05 AND |Δ| >= the pooled seed std, sqrt((s_v² + s_b²) / 2). Otherwise it is
-    "within seed noise". The second condition keeps a tiny but consistent difference (std ~ 0) from
-    being sold as a finding; with 3 seeds the t-test alone has little power, and no correction for
-    testing several variants is made, so a lone p just under 0.05 is weak evidence."""
+    "within seed noise" when |Δ| < pooled std, and "not significant" when the difference exceeds the
+    seed spread but p >= 0.05 (with 3 seeds a real, consistent difference can land there). The std
+    condition keeps a tiny but consistent difference (std ~ 0) from being sold as a finding; no
+    correction for testing several variants is made, so a lone p just under 0.05 is weak evidence."""
     ok = [r for r in rows if r["status"] == "ok"]
     losses = {v: np.array([r["final_val_loss"] for r in ok if r["variant"] == v]) for v in comparison.variants}
     base = losses[comparison.baseline]
@@ -196,10 +202,12 @@ def summarize(rows, comparison):
             entry["p_value"] = None if np.isnan(p) else p
             if entry["p_value"] is None:  # both groups without any spread: nothing to test against
                 entry["verdict"] = "identical" if entry["delta"] == 0 else "no seed spread to test against"
-            elif p < P_THRESHOLD and abs(entry["delta"]) >= entry["pooled_std"]:
-                entry["verdict"] = "lower (better)" if entry["delta"] < 0 else "higher (worse)"
-            else:
+            elif abs(entry["delta"]) < entry["pooled_std"]:
                 entry["verdict"] = "within seed noise"
+            elif p >= P_THRESHOLD:
+                entry["verdict"] = f"not significant (p ≥ {P_THRESHOLD})"
+            else:
+                entry["verdict"] = "lower (better)" if entry["delta"] < 0 else "higher (worse)"
         summary.append(entry)
     return summary
 
@@ -226,7 +234,8 @@ def machine():
         model = next(l.split(":", 1)[1].strip() for l in out.splitlines() if l.startswith("Model name"))
     except (OSError, StopIteration, subprocess.SubprocessError):
         model = platform.processor() or platform.machine()
-    return f"{model}, {os.cpu_count()} CPU threads visible"
+    import torch
+    return f"{model}, {os.cpu_count()} CPU threads visible, torch intra-op threads {torch.get_num_threads()}"
 
 
 def write_outputs(rows, comparison, header):
@@ -244,8 +253,8 @@ def write_outputs(rows, comparison, header):
     plots.plot_loss_curves(curves, out / "val_loss_vs_step.png", out / "val_loss_vs_time.png", comparison.name)
     text = [f"# Comparison {comparison.name}", "", *header, "", markdown_table(summary, comparison), "",
             f"Verdict rule: a variant differs from the baseline only if the Welch t-test (final val loss over "
-            f"seeds) gives p < {P_THRESHOLD} AND |Δ| >= the pooled seed std; otherwise \"within seed noise\". "
-            f"No correction for testing {len(comparison.variants) - 1} variants at once. Time to target: training "
+            f"seeds) gives p < {P_THRESHOLD} AND |Δ| >= the pooled seed std sqrt((s² + s_baseline²) / 2); "
+            f"otherwise \"within seed noise\" (|Δ| < pooled std) or \"not significant\" (p >= {P_THRESHOLD}). No correction for testing {len(comparison.variants) - 1} variants at once. Time to target: training "
             f"seconds (eval excluded) at the first eval reaching the target, mean over the seeds that reached it.",
             "", "![val loss vs step](val_loss_vs_step.png)", "", "![val loss vs time](val_loss_vs_time.png)"]
     failed = [r for r in rows if r["status"] != "ok"]
@@ -268,13 +277,18 @@ def write_outputs(rows, comparison, header):
 def compare(path, log=print):
     """Run (or finish) a comparison and write its outputs; returns (rows, summary)."""
     comparison = load_comparison(path)
-    started, load = time.time(), os.getloadavg()
+    started = time.time()
     log(f"comparison {comparison.name}: {len(comparison.variants)} variants x {len(comparison.seeds)} seeds "
         f"-> {comparison.out_dir}")
     rows = [run_one(v, s, c, comparison.target_val_loss, log) for v, s, c in comparison.runs]
-    header = [f"Command: `python compare.py {path}`", "",
-              f"Machine: {machine()}; load average (1 min) {load[0]:.2f} at start, "
-              f"{os.getloadavg()[0]:.2f} at end; this invocation took {time.time() - started:.0f} s."]
+    threads = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
+    timed = [r for r in rows if r.get("run_seconds") is not None]
+    loads = [r["load_at_start"] for r in timed]
+    header = [f"Command: `{threads}python compare.py {path}`", "", f"Machine: {machine()}.", "",
+              f"Wall time of the {len(timed)} finished runs, startup and evals included: "
+              f"{sum(r['run_seconds'] for r in timed):.0f} s"
+              + (f"; load average (1 min) at their starts {min(loads):.2f}–{max(loads):.2f}" if loads else "")
+              + f". This invocation took {time.time() - started:.0f} s."]
     summary = write_outputs(rows, comparison, header)
     log("\n" + markdown_table(summary, comparison))
     failed = sum(r["status"] != "ok" for r in rows)

@@ -74,7 +74,7 @@ def plot_diagnostics(rows, path, title=""):
         image = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
         names = rows[0]["sites"] if kind == "sites" else [f"block{i}" for i in range(grid.shape[0])]
         ax.set_yticks(range(len(names)), names, fontsize=7)
-        ticks = np.unique(np.linspace(0, len(present) - 1, min(6, len(present))).round().astype(int))
+        ticks = range(0, len(present), -(-len(present) // 5))  # at most 5 labels, evenly spaced
         ax.set_xticks(ticks, [present[i]["step"] for i in ticks], fontsize=7)
         ax.set_xlabel("step", fontsize=8)
         ax.set_title(label, fontsize=8)

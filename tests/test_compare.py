@@ -117,7 +117,7 @@ def test_summary_agrees_with_per_run_files(tiny):
         assert f"{entry['mean']:.4f} ± {entry['std']:.4f}" in text
     rms = summary[1]
     assert rms["delta"] == pytest.approx(rms["mean"] - summary[0]["mean"])
-    assert 0 <= rms["p_value"] <= 1 and rms["verdict"] in ("within seed noise", "lower (better)", "higher (worse)")
+    assert 0 <= rms["p_value"] <= 1 and rms["verdict"] in ("within seed noise", "not significant (p ≥ 0.05)", "lower (better)", "higher (worse)")
 
 
 def test_restart_skips_finished_runs_and_resumes_an_interrupted_one(tiny, monkeypatch):
@@ -180,3 +180,16 @@ def test_command_line_error_is_one_line(tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "compare.py"), str(tmp_path / "nope.toml")],
                           capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "does not exist" in done.stderr
+
+
+def test_verdict_rule_on_hand_made_losses():
+    seeds = [1, 2, 3]
+    losses = {"base": [1.0, 1.1, 0.9], "worse": [2.0, 2.1, 1.9], "same": [1.01, 1.11, 0.91],
+              "spread": [1.5, 2.5, 1.0]}
+    comparison = compare.Comparison("hand", Path("x"), seeds, "base", 1.0,
+                                    [(v, s, None) for s in seeds for v in losses])
+    rows = [{"variant": v, "seed": s, "status": "ok", "final_val_loss": losses[v][i], "tokens_per_s": 1.0,
+             "time_to_target_s": None} for i, s in enumerate(seeds) for v in losses]
+    verdicts = {e["variant"]: e["verdict"] for e in compare.summarize(rows, comparison)}
+    assert verdicts == {"base": "baseline", "worse": "higher (worse)", "same": "within seed noise",
+                        "spread": "not significant (p ≥ 0.05)"}
