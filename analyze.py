@@ -105,9 +105,9 @@ def probe(model, val_tokens, config, accelerator, center=None):
 
 
 def probe_table(rows):
-    lines = [f"Val loss of the unchanged model: {rows[0]['base_val_loss']:.4f}", "",
+    lines = [f"Val loss of the unchanged model: {rows[0]['base_val_loss']:.5f}", "",
              "| site | norm | change | val loss | Δ val loss |", "|---|---|---|---|---|"]
-    lines += [f"| {r['site']} | {r['norm']} | {r['change']} | {r['val_loss']:.4f} | {r['delta']:+.4f} |" for r in rows]
+    lines += [f"| {r['site']} | {r['norm']} | {r['change']} | {r['val_loss']:.5f} | {r['delta']:+.5f} |" for r in rows]
     return "\n".join(lines)
 
 

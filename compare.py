@@ -177,7 +177,11 @@ def summarize(rows, comparison):
     "within seed noise" when |Δ| < pooled std, and "not significant" when the difference exceeds the
     seed spread but p >= 0.05 (with 3 seeds a real, consistent difference can land there). The std
     condition keeps a tiny but consistent difference (std ~ 0) from being sold as a finding; no
-    correction for testing several variants is made, so a lone p just under 0.05 is weak evidence."""
+    correction for testing several variants is made, so a lone p just under 0.05 is weak evidence.
+
+    paired_p (shown, not used by the verdict): a paired t-test on the per-seed differences. Runs of one
+    seed share their batches and, when the variants change only norms, their random initial weights
+    (norm parameters start at constants and draw no random numbers): the pairing is by design."""
     ok = [r for r in rows if r["status"] == "ok"]
     losses = {v: np.array([r["final_val_loss"] for r in ok if r["variant"] == v]) for v in comparison.variants}
     base = losses[comparison.baseline]
@@ -187,7 +191,7 @@ def summarize(rows, comparison):
         entry = {"variant": variant, "n_ok": len(mine), "n_runs": len(comparison.seeds),
                  "mean": float(mine.mean()) if len(mine) else None,
                  "std": float(mine.std(ddof=1)) if len(mine) > 1 else None,
-                 "delta": None, "p_value": None, "pooled_std": None,
+                 "delta": None, "p_value": None, "paired_p": None, "pooled_std": None,
                  "tokens_per_s": float(np.mean([r["tokens_per_s"] for r in runs])) if runs else None}
         times = [r["time_to_target_s"] for r in runs if r["time_to_target_s"] is not None]
         entry.update(time_to_target_s=float(np.mean(times)) if times else None, n_reached=len(times))
@@ -200,6 +204,12 @@ def summarize(rows, comparison):
             entry["pooled_std"] = float(np.sqrt((mine.var(ddof=1) + base.var(ddof=1)) / 2))
             p = float(stats.ttest_ind(mine, base, equal_var=False).pvalue)
             entry["p_value"] = None if np.isnan(p) else p
+            mine_by_seed, base_by_seed = ({r["seed"]: r["final_val_loss"] for r in ok if r["variant"] == v}
+                                          for v in (variant, comparison.baseline))
+            seeds = sorted(set(mine_by_seed) & set(base_by_seed))
+            if len(seeds) >= 2:
+                paired = stats.ttest_rel([mine_by_seed[s] for s in seeds], [base_by_seed[s] for s in seeds])
+                entry["paired_p"] = None if np.isnan(paired.pvalue) else float(paired.pvalue)
             if entry["p_value"] is None:  # both groups without any spread: nothing to test against
                 entry["verdict"] = "identical" if entry["delta"] == 0 else "no seed spread to test against"
             elif abs(entry["delta"]) < entry["pooled_std"]:
@@ -218,13 +228,14 @@ def fmt(value, spec, missing="–"):
 
 def markdown_table(summary, comparison):
     lines = [f"| variant | seeds | final val loss (mean ± std) | Δ vs {comparison.baseline} | Welch p | verdict "
-             f"| tokens/s | s to val ≤ {comparison.target_val_loss:g} |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"| paired p | tokens/s | s to val ≤ {comparison.target_val_loss:g} |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for e in summary:
         loss = f"{fmt(e['mean'], '.4f')} ± {fmt(e['std'], '.4f')}"
         reached = "not reached" if not e["n_reached"] else f"{e['time_to_target_s']:.1f} ({e['n_reached']}/{e['n_ok']})"
         lines.append(f"| {e['variant']} | {e['n_ok']}/{e['n_runs']} | {loss} | {fmt(e['delta'], '+.4f')} "
-                     f"| {fmt(e['p_value'], '.3f')} | {e['verdict']} | {fmt(e['tokens_per_s'], ',.0f')} | {reached} |")
+                     f"| {fmt(e['p_value'], '.3f')} | {e['verdict']} | {fmt(e['paired_p'], '.3f')} "
+                     f"| {fmt(e['tokens_per_s'], ',.0f')} | {reached} |")
     return "\n".join(lines)
 
 
@@ -254,7 +265,10 @@ def write_outputs(rows, comparison, header):
     text = [f"# Comparison {comparison.name}", "", *header, "", markdown_table(summary, comparison), "",
             f"Verdict rule: a variant differs from the baseline only if the Welch t-test (final val loss over "
             f"seeds) gives p < {P_THRESHOLD} AND |Δ| >= the pooled seed std sqrt((s² + s_baseline²) / 2); "
-            f"otherwise \"within seed noise\" (|Δ| < pooled std) or \"not significant\" (p >= {P_THRESHOLD}). No correction for testing {len(comparison.variants) - 1} variants at once. Time to target: training "
+            f"otherwise \"within seed noise\" (|Δ| < pooled std) or \"not significant\" (p >= {P_THRESHOLD}). "
+            f"No correction for testing {len(comparison.variants) - 1} variants at once. "
+            f"Paired p: a paired t-test over seeds (same seed = same batches and same initial weights), for "
+            f"information; the verdict does not use it. Time to target: training "
             f"seconds (eval excluded) at the first eval reaching the target, mean over the seeds that reached it.",
             "", "![val loss vs step](val_loss_vs_step.png)", "", "![val loss vs time](val_loss_vs_time.png)"]
     failed = [r for r in rows if r["status"] != "ok"]

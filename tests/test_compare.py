@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import compare
 import train as train_module
@@ -98,6 +99,17 @@ def test_same_seed_same_batches_for_every_variant(tiny):
     assert len(val_digests) == 4 * 3 and len(set(val_digests)) == 1  # 3 evals per run, one fixed set
 
 
+def test_variants_of_one_seed_start_from_the_same_random_weights():
+    """What makes the paired p-value's pairing real: norms draw no random numbers at construction."""
+    from model import GPT
+    comparison = compare.load_comparison(ROOT / "configs" / "compare_default.toml")
+    weights = []
+    for _, _, config in comparison.runs[:len(comparison.variants)]:  # every variant of the first seed
+        torch.manual_seed(config.seed)
+        weights.append({k: v for k, v in GPT(config).state_dict().items() if v.dim() >= 2})
+    assert all(torch.equal(weights[0][k], w[k]) for w in weights[1:] for k in weights[0])
+
+
 def test_summary_agrees_with_per_run_files(tiny):
     _, out, _, summary, _, _ = tiny
     with open(out / "results.csv") as f:
@@ -117,7 +129,8 @@ def test_summary_agrees_with_per_run_files(tiny):
         assert f"{entry['mean']:.4f} ± {entry['std']:.4f}" in text
     rms = summary[1]
     assert rms["delta"] == pytest.approx(rms["mean"] - summary[0]["mean"])
-    assert 0 <= rms["p_value"] <= 1 and rms["verdict"] in ("within seed noise", "not significant (p ≥ 0.05)", "lower (better)", "higher (worse)")
+    assert 0 <= rms["p_value"] <= 1 and 0 <= rms["paired_p"] <= 1
+    assert rms["verdict"] in ("within seed noise", "not significant (p ≥ 0.05)", "lower (better)", "higher (worse)")
 
 
 def test_restart_skips_finished_runs_and_resumes_an_interrupted_one(tiny, monkeypatch):
@@ -184,7 +197,7 @@ def test_command_line_error_is_one_line(tmp_path):
 
 def test_verdict_rule_on_hand_made_losses():
     seeds = [1, 2, 3]
-    losses = {"base": [1.0, 1.1, 0.9], "worse": [2.0, 2.1, 1.9], "same": [1.01, 1.11, 0.91],
+    losses = {"base": [1.0, 1.1, 0.9], "worse": [2.0, 2.1, 1.9], "same": [1.01, 1.09, 0.92],
               "spread": [1.5, 2.5, 1.0]}
     comparison = compare.Comparison("hand", Path("x"), seeds, "base", 1.0,
                                     [(v, s, None) for s in seeds for v in losses])
