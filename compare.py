@@ -127,7 +127,8 @@ def time_to_target(metrics, target):
 
 
 def run_one(variant, seed, config, target, log=print):
-    """Train one run unless it is already complete; never raises for a failed run (KeyboardInterrupt aside)."""
+    """Train one run unless it is already complete. A failed run comes back as a row with status "failed";
+    only a run folder trained with another config (or Ctrl-C) stops the comparison."""
     from train import train  # imported here so that reading a comparison does not load torch's trainer
     run_dir = Path(config.out_dir)
     done = run_dir / "result.json"
@@ -147,7 +148,7 @@ def run_one(variant, seed, config, target, log=print):
     resume = bool(list_checkpoints(run_dir))
     log(f"[{variant} seed {seed}] {'resuming' if resume else 'training'} -> {run_dir}")
     # the whole run's wall clock (startup and evals included) and the machine's load as it started:
-    # on a shared machine the load says how far tokens/s can be trusted
+    # on a shared machine the load says how far tokens/s can be trusted (a resumed run: this session only)
     started, row["load_at_start"] = time.time(), round(os.getloadavg()[0], 2)
     try:
         result = train(config, resume=resume, log=lambda *a: None)
