@@ -30,7 +30,6 @@ import platform
 import subprocess
 import sys
 import time
-import tomllib
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +39,7 @@ from scipy import stats
 
 import plots
 from checkpoint import list_checkpoints
-from config import UserError, apply_overrides, load_config, run_main
+from config import UserError, apply_overrides, load_config, read_toml, run_main
 from model.diagnostics import read_diagnostics
 
 COMPARISON_KEYS = {"base_config", "base", "out_dir", "seeds", "baseline", "target_val_loss", "variants"}
@@ -67,12 +66,7 @@ class Comparison:
 def load_comparison(path):
     """Read and check a comparison TOML; every run's config is built and validated before any trains."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"comparison file {str(path)!r} does not exist; see configs/compare_*.toml")
-    try:
-        spec = tomllib.loads(path.read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"comparison file {str(path)!r} is not valid TOML: {e}") from None
+    spec = read_toml(path, "comparison file", "configs/compare_*.toml")
     unknown = sorted(set(spec) - COMPARISON_KEYS)
     if unknown:
         raise UserError(f"{path}: unknown key(s) {', '.join(unknown)}; a comparison has {', '.join(sorted(COMPARISON_KEYS))}")

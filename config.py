@@ -176,18 +176,22 @@ def parse_cli_overrides(args: list[str]) -> dict:
     return values
 
 
+def read_toml(path, what="config file", examples="configs/"):
+    """A TOML file as a dict; a missing or unreadable file is a one-line UserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} {str(path)!r} does not exist; see {examples} for examples")
+    try:
+        return tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{what} {str(path)!r} is not valid TOML: {e}") from None
+
+
 def load_config(path: str | Path | None, overrides: list[str] | dict = ()) -> Config:
     """Read a TOML config (or start from defaults when path is None), apply overrides, validate."""
     config = Config()
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise UserError(f"config file {str(path)!r} does not exist; see configs/ for examples")
-        try:
-            values = tomllib.loads(path.read_text())
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-            raise UserError(f"config file {str(path)!r} is not valid TOML: {e}") from None
-        config = apply_overrides(config, values)
+        config = apply_overrides(config, read_toml(path))
     if not isinstance(overrides, dict):
         overrides = parse_cli_overrides(list(overrides))
     return apply_overrides(config, overrides).validate()
