@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
 from tqdm import tqdm
 
 from checkpoint import check_resumable, list_checkpoints, load_weights, save_checkpoint, set_rng_state
@@ -74,6 +75,10 @@ def train(config, resume=False, log=None):
         return _train(config, resume, log or accelerator.print, accelerator)
     finally:
         accelerator.end_training()  # without it, torchrun aborted some multi-process runs at exit
+        # accelerate's settings are process-wide singletons: clear them so that the next train() in
+        # this process (compare.py's next variant) may use another mixed_precision or device
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
 
 
 def _train(config, resume, log, accelerator):

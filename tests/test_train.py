@@ -125,3 +125,27 @@ def test_readme_demo_entry_points(tmp_path, shared_cache):
     assert re.search(r"val loss [\d.]+ nats/token \(unigram entropy of the corpus: [\d.]+\)", proc.stdout)
     proc = run_cli("sample.py", str(run_dir), "--num_samples", "1", "--max_new_tokens", "10")
     assert proc.returncode == 0 and "--- sample 1 ---" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_gradient_accumulation_matches_the_larger_batch(tmp_path, tiny_config):
+    """grad_accum micro-batches of b draw the same windows as one batch of grad_accum * b, and the
+    accumulated gradient is their mean, so the runs must agree."""
+    one = train(tiny_config(out_dir=str(tmp_path / "one"), batch_size=8, max_steps=10), log=lambda *_: None)
+    two = train(tiny_config(out_dir=str(tmp_path / "two"), batch_size=4, grad_accum=2, max_steps=10),
+                log=lambda *_: None)
+    a, b = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert [r["tokens_seen"] for r in a] == [r["tokens_seen"] for r in b]
+    for ra, rb in zip(a, b):
+        for key in ("train_loss", "val_loss"):
+            if ra[key] is not None:
+                assert rb[key] == pytest.approx(ra[key], abs=1e-5)
+    assert two["final_val_loss"] == pytest.approx(one["final_val_loss"], abs=1e-5)
+
+
+def test_bf16_run_after_an_fp32_run_in_the_same_process(tmp_path, tiny_config):
+    """compare.py trains variants one after another in one process; accelerate's process-wide state
+    must not pin the first run's precision."""
+    train(tiny_config(out_dir=str(tmp_path / "fp32"), max_steps=2, eval_interval=2), log=lambda *_: None)
+    result = train(tiny_config(out_dir=str(tmp_path / "bf16"), mixed_precision="bf16", max_steps=10),
+                   log=lambda *_: None)
+    assert result["final_val_loss"] < metrics(result["run_dir"])[0]["val_loss"]
