@@ -138,3 +138,26 @@ def test_validation_windows_do_not_depend_on_batch_size_or_processes():
     assert len(once) == 20 and rows(4) == once
     assert rows(8) == once  # 3 batches (8, 8, 4) hold the same 20 windows
     assert sorted(rows(2, 0, 2) + rows(2, 1, 2)) == sorted(once)
+
+
+def test_the_embedded_corpus_does_not_need_datasets(shared_cache):
+    """The GPU machines have no `datasets`: training on the stdlib corpus must never import it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    code = f"""
+import sys
+class BlockDatasets:
+    def find_spec(self, name, path, target=None):
+        if name.split('.')[0] == 'datasets':
+            raise ImportError('datasets is blocked in this test')
+sys.meta_path.insert(0, BlockDatasets())
+import train, sample, compare
+from config import load_config
+from data.prepare import prepare_data
+prepare_data(load_config('configs/tiny.toml', {{'cache_dir': {shared_cache!r}}}), log=lambda *a: None)
+print('ok')
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
