@@ -81,6 +81,8 @@ def test_kill_9_mid_training_then_resume_is_exact(reference, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert [p.name for p in list_checkpoints(config.out_dir)] == ["step_0000010"]
+    with open(Path(config.out_dir) / "metrics.jsonl", "a") as f:
+        f.write('{"step": 16, "train_lo')  # as if the kill had torn a line in half
     train(config, resume=True, log=lambda *_: None)
     assert_same_metrics(ref_metrics, metrics(config.out_dir))
 
