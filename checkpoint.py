@@ -123,6 +123,20 @@ def check_resumable(folder, config, tokenizer_hash, num_processes):
                         f"{meta['num_processes']} (data order and RNG streams are per process)")
 
 
+def jsonl_lines_up_to(path, step):
+    """The lines of a run's log (metrics.jsonl, diagnostics.jsonl) for steps <= step, for a resume from
+    that step. Later lines were written by the killed process after its last checkpoint and will be
+    written again; a line torn by the kill does not parse and is dropped."""
+    kept = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            pass
+    return kept
+
+
 def find_checkpoint(path):
     """A checkpoint folder, or the latest complete checkpoint of a run dir."""
     path = Path(path)

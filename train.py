@@ -20,7 +20,8 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from tqdm import tqdm
 
-from checkpoint import check_resumable, list_checkpoints, load_weights, save_checkpoint, set_rng_state
+from checkpoint import (check_resumable, jsonl_lines_up_to, list_checkpoints, load_weights, save_checkpoint,
+                        set_rng_state)
 from config import UserError, load_config, run_main, save_config
 from data.batches import TrainBatches, validation_batches
 from data.prepare import check_data_size, prepare_data
@@ -128,7 +129,7 @@ def _train(config, resume, log, accelerator):
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir / "config.json")
         shutil.copyfile(data.tokenizer_path, run_dir / "tokenizer.json")
-        kept = metrics_up_to(metrics_path, state["step"]) if resume else []
+        kept = jsonl_lines_up_to(metrics_path, state["step"]) if resume else []
         metrics_path.write_text("".join(l + "\n" for l in kept))
 
     # per-layer norm statistics at every eval (config.diagnostics; model/diagnostics.py)
@@ -228,19 +229,6 @@ def _train(config, resume, log, accelerator):
         f"(unigram entropy of the corpus: {data.unigram_entropy:.4f}), "
         f"{result['tokens_per_s']:,.0f} tokens/s, {result['wall_seconds']:.0f}s of training -> {run_dir}")
     return result
-
-
-def metrics_up_to(path, step):
-    """The metrics lines of steps <= step. Later lines were written by the killed process after its
-    last checkpoint and will be written again; a line torn by the kill does not parse and is dropped."""
-    kept = []
-    for line in path.read_text().splitlines() if path.exists() else []:
-        try:
-            if json.loads(line)["step"] <= step:
-                kept.append(line)
-        except (json.JSONDecodeError, KeyError, TypeError):
-            pass
-    return kept
 
 
 def step_is_finite(step_loss, grad_norm, config, accelerator):

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from checkpoint import jsonl_lines_up_to
 from data.batches import validation_batches
 
 
@@ -95,8 +96,7 @@ class Diagnostics:
         # (accelerate's wrapper only calls the inner optimizer's step when gradients are synced)
         getattr(optimizer, "optimizer", optimizer).register_step_pre_hook(self._read_grads)
         # a resumed run rewrites the steps after its checkpoint, as train() does for metrics.jsonl
-        kept = [l for l in self.path.read_text().splitlines() if json.loads(l)["step"] <= start_step] \
-            if start_step and self.path.exists() else []
+        kept = jsonl_lines_up_to(self.path, start_step) if start_step else []
         self.path.write_text("".join(l + "\n" for l in kept))
 
     def _read_grads(self, optimizer, args, kwargs):
