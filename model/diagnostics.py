@@ -41,9 +41,12 @@ def token_stats(x):
 
 
 def grad_norm(parameters):
-    """L2 norm of all gradients of `parameters` together (parameters without a gradient skipped)."""
-    squares = [p.grad.detach().double().pow(2).sum() for p in parameters if p.grad is not None]
-    return torch.stack(squares).sum().sqrt().item() if squares else None
+    """L2 norm of all gradients of `parameters` together, as a 0-dim tensor (None without gradients).
+
+    It runs before every optimizer step, so it reads each gradient once (no full-size fp64 copy) and
+    leaves the tensor on its device: the host waits for it only when a diagnostics line is written."""
+    norms = [torch.linalg.vector_norm(p.grad.detach()).double() for p in parameters if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(norms)) if norms else None
 
 
 def norm_sites(model):
@@ -103,7 +106,8 @@ class Diagnostics:
         self.grad_norms = [grad_norm(block.parameters()) for block in self.model.transformer.h]
 
     def record(self, step):
-        entry = {"step": step, **collect(self.model, self.x), "grad_norm": self.grad_norms}
+        grads = None if self.grad_norms is None else [None if g is None else g.item() for g in self.grad_norms]
+        entry = {"step": step, **collect(self.model, self.x), "grad_norm": grads}
         with open(self.path, "a") as f:
             f.write(json.dumps(entry) + "\n")
 

@@ -38,7 +38,7 @@ def test_partial_offset_and_all_zero_token():
 def test_grad_norm_of_hand_made_gradients():
     a, b, c = (torch.nn.Parameter(torch.zeros(2)) for _ in range(3))
     a.grad, b.grad = torch.tensor([3.0, 0.0]), torch.tensor([0.0, 4.0])
-    assert grad_norm([a, b, c]) == pytest.approx(5.0) and grad_norm([c]) is None
+    assert grad_norm([a, b, c]).item() == pytest.approx(5.0) and grad_norm([c]) is None
 
 
 def test_collect_sees_every_norm_site(small_model_config):
