@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from accelerate import Accelerator
 
 import plots
@@ -25,7 +24,7 @@ from checkpoint import load_model
 from config import UserError, run_main
 from data.prepare import prepare_data
 from model.diagnostics import norm_sites, read_diagnostics
-from model.norms import LayerNorm, upcast
+from model.norms import LayerNorm, rms_norm, upcast
 from train import evaluate
 
 
@@ -50,12 +49,8 @@ class Uncentered(nn.Module):
         self.ln = layernorm
 
     def forward(self, x):
-        xf = upcast(x)
-        weight = None if self.ln.weight is None else self.ln.weight.to(xf.dtype)
-        y = F.rms_norm(xf, x.shape[-1:], weight, self.ln.eps)
-        if self.ln.bias is not None:
-            y = y + self.ln.bias.to(xf.dtype)
-        return y.to(x.dtype)
+        y = rms_norm(x, self.ln.weight, self.ln.eps)  # the registry's RMSNorm math, with this site's g
+        return y if self.ln.bias is None else y + self.ln.bias.to(y.dtype)
 
 
 def recenters(norm):
