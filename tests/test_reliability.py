@@ -16,15 +16,13 @@ from safetensors.torch import load_file
 
 import train as train_module
 from checkpoint import list_checkpoints, load_model
+from compare import read_metrics as metrics
 from config import UserError
 from train import TrainingDiverged, train
 
 ROOT = Path(__file__).resolve().parent.parent
 TIME_FIELDS = ("elapsed_s", "tokens_per_s")  # wall-clock: the only fields allowed to differ
 
-
-def metrics(run_dir):
-    return [json.loads(l) for l in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
 def assert_same_metrics(a, b, tol=1e-6):

@@ -1,5 +1,4 @@
 """End to end: a tiny run trains, checkpoints, samples and resumes; entry points fail with one line."""
-import json
 import re
 import subprocess
 import sys
@@ -9,15 +8,13 @@ import pytest
 from safetensors.torch import load_file
 
 from checkpoint import list_checkpoints, load_model
+from compare import read_metrics as metrics
 from config import UserError
 from sample import generate_samples, parse_args
 from train import learning_rate, train
 
 ROOT = Path(__file__).resolve().parent.parent
 
-
-def metrics(run_dir):
-    return [json.loads(l) for l in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
