@@ -9,7 +9,9 @@ of the tensor), forward+backward also reads x and dy and writes dx (5); with the
     python benchmarks/bench_norms.py --cpu [--shape 8192x768] [--json results.json]
 
 --cpu times every norm of the registry (model/norms.py), fp32, forward and forward+backward, rounds
-interleaved so that a busy machine slows all of them alike; medians with their min-max.
+interleaved so that a busy machine slows all of them alike; medians with their min-max. rmsnorm runs
+its C++ kernel there (kernels/rmsnorm_cpu.cpp); the row "(rmsnorm from ATen ops)" times the formula it
+falls back to without that kernel.
 """
 import argparse
 import json
@@ -133,14 +135,29 @@ def _cell(times):
     return f"{statistics.median(times):.2f} ({min(times):.2f}-{max(times):.2f})"
 
 
+def without_cpu_kernel(norm):
+    """norm run with rmsnorm's CPU kernel switched off (its backward follows the forward's choice)."""
+    import kernels.rmsnorm_cpu as rmsnorm_cpu
+
+    def run(x):
+        rmsnorm_cpu.USE_CPU_KERNEL = False
+        try:
+            return norm(x)
+        finally:
+            rmsnorm_cpu.USE_CPU_KERNEL = True
+    return run
+
+
 def run_cpu(args):
     from kernels.rmsnorm import triton_runs_on
+    from kernels.rmsnorm_cpu import cpu_ops
     n, d = map(int, args.shape.split("x"))
     config = Config(n_embd=d, norm_gain=True)
     torch.manual_seed(0)
     modules = {name: make_norm(name, d, config) for name in NORMS}
     w = torch.ones(d, requires_grad=True)
     fns = {name: m for name, m in modules.items()}
+    fns["(rmsnorm from ATen ops)"] = without_cpu_kernel(modules["rmsnorm"])
     fns["(torch F.rms_norm)"] = lambda x: F.rms_norm(x, (d,), w, EPS)
     fns["(torch F.layer_norm)"] = lambda x: F.layer_norm(x, (d,), w, None, EPS)
     x = torch.randn(n, d, requires_grad=True)
@@ -163,7 +180,8 @@ def run_cpu(args):
                 for _ in range(args.number):
                     run(fn)
                 times[name, mode].append((time.perf_counter() - start) / args.number * 1e3)
-    print(f"# CPU: {cpu_model()} | {torch.get_num_threads()} threads | torch {torch.__version__}")
+    print(f"# CPU: {cpu_model()} | {torch.get_num_threads()} threads | torch {torch.__version__}"
+          f" | rmsnorm's C++ kernel: {'built' if cpu_ops() is not None else 'NOT available, ATen formula'}")
     print(f"# {n}x{d} fp32; median of {args.rounds} interleaved rounds of {args.number} calls (min-max)\n")
     print("| norm | fwd ms | fwd+bwd ms |\n|---|---|---|")
     rows = []

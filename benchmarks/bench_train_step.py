@@ -8,6 +8,13 @@ ms/step, with its min-max. Eager and compiled variants of a norm share one model
 
     python benchmarks/bench_train_step.py [--rounds 5] [--steps 5] [--modes eager,compiled] [--json out.json]
     python benchmarks/bench_train_step.py --tiny --device cpu --modes eager   # a seconds-long smoke run
+
+On CPU the step runs in fp32 (as train.py does there), and the variant "rmsnorm_aten" times rmsnorm
+without its C++ CPU kernel (kernels/rmsnorm_cpu.py), the ATen formula it falls back to. --config and
+--batch time another model, e.g. the demo's (the norm comparison uses the same model with a shorter context):
+
+    python benchmarks/bench_train_step.py --device cpu --modes eager --config configs/default.toml \
+        --batch 16 --variants none,layernorm,rmsnorm,rmsnorm_aten --rounds 7 --steps 10
 """
 import argparse
 import json
@@ -29,12 +36,25 @@ VARIANTS = {
     "rmsnorm": dict(norm="rmsnorm"),
     "triton_rmsnorm": dict(norm="triton_rmsnorm"),
     "triton_rmsnorm+fused_add": dict(norm="triton_rmsnorm", fused_add_norm=True),
+    "rmsnorm_aten": dict(norm="rmsnorm"),  # with kernels.rmsnorm_cpu.USE_CPU_KERNEL off (CPU only)
 }
+
+
+def without_cpu_kernel(step):
+    import kernels.rmsnorm_cpu as rmsnorm_cpu
+
+    def run(x, y):
+        rmsnorm_cpu.USE_CPU_KERNEL = False
+        try:
+            step(x, y)
+        finally:
+            rmsnorm_cpu.USE_CPU_KERNEL = True
+    return run
 
 
 def make_step(model, optimizer, device):
     def step(x, y):
-        with torch.autocast(device.type, dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             _, loss = model(x, targets=y)
         loss.backward()
         optimizer.step()
@@ -54,15 +74,17 @@ def main():
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per variant (compiles)")
     parser.add_argument("--modes", default="eager,compiled", help="eager, compiled or both")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset")
-    parser.add_argument("--tiny", action="store_true", help="configs/tiny.toml instead (smoke test)")
+    parser.add_argument("--tiny", action="store_true", help="configs/tiny.toml, batch 4 (smoke test)")
+    parser.add_argument("--config", help="model config to time (default configs/gpt2_124m.toml)")
+    parser.add_argument("--batch", type=int, help="sequences per step (default 16; 4 with --tiny)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--max-seconds", type=float, default=0, help="stop adding rounds past this (0: no limit)")
     parser.add_argument("--json", help="also write the measurements to this JSON file")
     args = parser.parse_args()
     began = time.perf_counter()
     device = torch.device(args.device)
-    config_file = ROOT / "configs" / ("tiny.toml" if args.tiny else "gpt2_124m.toml")
-    batch = 4 if args.tiny else 16
+    config_file = Path(args.config) if args.config else ROOT / "configs" / ("tiny.toml" if args.tiny else "gpt2_124m.toml")
+    batch = args.batch or (4 if args.tiny else 16)
 
     torch.manual_seed(0)
     runs = {}  # (variant, mode) -> step function
@@ -70,10 +92,11 @@ def main():
         config = load_config(config_file, {**VARIANTS[name], "batch_size": batch, "dropout": 0.0})
         model = GPT(config).to(device)
         optimizer = torch.optim.AdamW(model.optimizer_groups(0.1), lr=1e-4, fused=device.type == "cuda")
+        wrap = without_cpu_kernel if name == "rmsnorm_aten" else (lambda step: step)
         if "eager" in args.modes:
-            runs[name, "eager"] = make_step(model, optimizer, device)
+            runs[name, "eager"] = wrap(make_step(model, optimizer, device))
         if "compiled" in args.modes:
-            runs[name, "compiled"] = make_step(torch.compile(model), optimizer, device)
+            runs[name, "compiled"] = wrap(make_step(torch.compile(model), optimizer, device))
     tokens = torch.randint(0, config.vocab_size, (batch, config.block_size + 1), device=device)
     x, y = tokens[:, :-1], tokens[:, 1:]
 
@@ -98,7 +121,8 @@ def main():
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"command: python {' '.join(sys.argv)}")
-    print(f"# {name} | torch {torch.__version__} | {config_file.name}, batch {batch} x {config.block_size}, bf16 autocast")
+    print(f"# {name} | torch {torch.__version__} | {config_file.name}, batch {batch} x {config.block_size}, "
+          f"{'bf16 autocast' if device.type == 'cuda' else 'fp32'}")
     print(f"# median over {len(next(iter(ms.values())))} interleaved rounds of {args.steps} steps (min-max)\n")
     print("| norm | mode | ms/step | tokens/s | vs none |\n|---|---|---|---|---|")
     rows = []

@@ -10,6 +10,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kernels.rmsnorm_cpu import cpu_ops
+
 
 def upcast(x):
     """x in at least fp32: statistics of fp16/bf16 inputs are computed in fp32 (fp64 stays fp64)."""
@@ -40,22 +42,30 @@ class _RMSNormFunction(torch.autograd.Function):
 
     With y = x * r * g, r = (mean(x[:k]^2) + eps)^-1/2 and k the features the statistics use:
         dx = r * g * dy - [j < k] * x * r^3 * sum(g * dy * x) / k,   dg = sum_rows(dy * x * r)
-    Full-width statistics in x's own dtype (fp32, fp64) reuse LayerNorm's fused backward; otherwise
-    both sums come from one product p = dy * x, as matrix-vector products.
+    CPU tensors go to the one-pass C++ kernel of kernels/rmsnorm_cpu.cpp, which computes exactly this.
+    Elsewhere (or where that kernel cannot be built) it is computed from ATen ops: full-width
+    statistics in x's own dtype reuse LayerNorm's fused backward; otherwise both sums come from one
+    product p = dy * x, as matrix-vector products.
     """
 
     @staticmethod
     def forward(ctx, x, weight, eps, k):
-        part = x if k is None else x[..., :k]
-        # ||x||^2 without materialising x^2 (or an fp32 copy of a bf16 x)
-        rstd = torch.linalg.vector_norm(part, dim=-1, keepdim=True, dtype=torch.promote_types(x.dtype, torch.float32))
-        rstd = rstd.square_().div_(part.shape[-1]).add_(eps).rsqrt_()
-        y = x * rstd  # in the statistics' dtype
-        if weight is not None:
-            y.mul_(weight)
+        k = x.shape[-1] if k is None else k
+        ops = cpu_ops() if x.device.type == "cpu" else None
+        if ops is not None:
+            y, rstd = ops.rms_norm_forward(x, weight, eps, k)
+        else:
+            # ||x||^2 without materialising x^2 (or an fp32 copy of a bf16 x)
+            part = x[..., :k]
+            rstd = torch.linalg.vector_norm(part, dim=-1, keepdim=True, dtype=torch.promote_types(x.dtype, torch.float32))
+            rstd = rstd.square_().div_(k).add_(eps).rsqrt_()
+            y = x * rstd  # in the statistics' dtype
+            if weight is not None:
+                y.mul_(weight)
+            y = y.to(x.dtype)
         ctx.save_for_backward(x, weight, rstd)
-        ctx.k = part.shape[-1]
-        return y.to(x.dtype)
+        ctx.k, ctx.cpu_kernel = k, ops is not None
+        return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -63,6 +73,9 @@ class _RMSNormFunction(torch.autograd.Function):
         x, weight, rstd = ctx.saved_tensors
         n, k = x.shape[-1], ctx.k
         want_dw = weight is not None and ctx.needs_input_grad[1]
+        if ctx.cpu_kernel:
+            dx, dw = cpu_ops().rms_norm_backward(dy, x, weight, rstd, k, want_dw)
+            return dx, dw, None, None
         if k == n and x.dtype == rstd.dtype and (weight is None or weight.dtype == x.dtype):
             # LayerNorm's fused backward given mean 0 computes r * (g - mean(g) - x_hat * mean(g * x_hat))
             # with g = dy * weight: RMSNorm's dx less r * mean(g), which one matrix-vector product adds

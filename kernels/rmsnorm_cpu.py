@@ -1,0 +1,85 @@
+"""RMSNorm's CPU path: the C++ kernel in rmsnorm_cpu.cpp, built on first use.
+
+torch has a fused LayerNorm for CPU but no fused RMSNorm, so an RMSNorm built from ATen ops reads and
+writes the tensor several times and came out 2-3x slower than LayerNorm on CPU (benchmarks/results_cpu.md):
+every CPU comparison would have reported RMSNorm as the slow norm for a reason unrelated to its math.
+
+`cpu_ops()` builds the kernel with torch.utils.cpp_extension (about 10 s on 2 cores, once per machine and
+source version; the library is cached under TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions) and
+returns torch.ops.normgpt_cpu. Where it cannot be built (no C++ compiler, say) it warns once and returns
+None, and model/norms.py keeps its ATen formula. NORMGPT_CPU_KERNEL=0 (or `USE_CPU_KERNEL = False`)
+skips the kernel: benchmarks/bench_norms.py uses that to time the ATen formula beside it.
+"""
+import os
+import shutil
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+USE_CPU_KERNEL = os.environ.get("NORMGPT_CPU_KERNEL", "1") != "0"
+SOURCE = Path(__file__).with_name("rmsnorm_cpu.cpp")
+_ops = None
+_failed = False
+
+
+def _ninja_on_path():
+    """torch's builder runs `ninja`; the PyPI ninja package puts it in the venv's bin, which is not on
+    PATH when the venv's python is called without activating the venv."""
+    if shutil.which("ninja") is None:
+        try:
+            import ninja
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+        except ImportError:
+            pass
+
+
+def _build():
+    from torch.utils import cpp_extension
+    _ninja_on_path()
+    # Vector width: AVX2 + FMA wherever torch's own kernels use AVX2 or AVX-512 (they pick at run time;
+    # this library is built for one CPU), which made the backward 1.6x faster than the default SSE2
+    # build at 1024x128 (AVX-512 gave no more). The instruction set is in the library's name, so a home
+    # directory shared by different machines keeps one build per kind of CPU.
+    avx2 = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+    vector_flags = ["-mavx2", "-mfma"] if avx2 else []
+    start = time.perf_counter()
+    # -fopenmp: at::parallel_for is an OpenMP loop compiled into this library, serial without it
+    cpp_extension.load(name="normgpt_rmsnorm_cpu" + ("_avx2" if avx2 else ""), sources=[str(SOURCE)],
+                       extra_cflags=["-O3", "-fopenmp", *vector_flags], extra_ldflags=["-fopenmp"],
+                       is_python_module=False)
+    seconds = time.perf_counter() - start
+    if seconds > 2:  # a real build, not a cache hit: say where the time went
+        print(f"built the CPU RMSNorm kernel in {seconds:.0f} s (cached for later runs)", file=sys.stderr)
+
+
+def _register_fakes():
+    """Shapes and dtypes without running the kernel, so torch.compile can trace models that call it."""
+
+    @torch.library.register_fake("normgpt_cpu::rms_norm_forward")
+    def forward_fake(x, weight, eps, k):
+        rows = x.numel() // x.shape[-1]
+        return torch.empty_like(x), x.new_empty(rows, dtype=torch.promote_types(x.dtype, torch.float32))
+
+    @torch.library.register_fake("normgpt_cpu::rms_norm_backward")
+    def backward_fake(dy, x, weight, rstd, k, weight_grad):
+        dw = torch.empty_like(weight) if weight is not None and weight_grad else None
+        return torch.empty_like(x), dw
+
+
+def cpu_ops():
+    """torch.ops.normgpt_cpu once the kernel is loaded, or None where it is switched off or cannot be built."""
+    global _ops, _failed
+    if _ops is None and USE_CPU_KERNEL and not _failed:
+        try:
+            _build()
+            _register_fakes()
+            _ops = torch.ops.normgpt_cpu
+        except Exception as e:  # a missing compiler or ninja shows up as many exception types
+            _failed = True
+            first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            warnings.warn(f"could not build the CPU RMSNorm kernel ({first_line}); using RMSNorm built from "
+                          "ATen ops, which is 2-3x slower than LayerNorm on CPU", stacklevel=2)
+    return _ops if USE_CPU_KERNEL else None

@@ -1,0 +1,194 @@
+"""rmsnorm's CPU kernel (kernels/rmsnorm_cpu.cpp) against an fp64 reference, and its fallback.
+
+On Linux the kernel must build (CI has g++): a test that silently skipped it would leave RMSNorm's CPU
+speed, and the comparisons that rely on it, untested.
+"""
+import sys
+import warnings
+
+import pytest
+import torch
+
+import kernels.rmsnorm_cpu as cpu_kernel
+from model.norms import rms_norm
+
+EPS = 1e-5
+# (rtol, atol as a fraction of the largest |reference|): each output is rounded once to its dtype
+TOL = {torch.float64: (1e-12, 1e-12), torch.float32: (1e-5, 1e-5),
+       torch.bfloat16: (2 ** -7, 2 ** -7), torch.float16: (2 ** -10, 2 ** -10)}
+
+
+@pytest.fixture(scope="module")
+def ops():
+    ops = cpu_kernel.cpu_ops()
+    if ops is None and sys.platform.startswith("linux"):
+        pytest.fail("the CPU RMSNorm kernel did not build (see the warning above)")
+    if ops is None:
+        pytest.skip("no C++ toolchain for the CPU RMSNorm kernel here")
+    return ops
+
+
+def reference(x, w, k):
+    """fp64 RMSNorm with statistics from the first k features, and its gradients by autograd."""
+    x64 = x.detach().double().requires_grad_()
+    w64 = None if w is None else w.detach().double().requires_grad_()
+    y = x64 * (x64[..., :k].pow(2).mean(-1, keepdim=True) + EPS).rsqrt()
+    return y if w64 is None else y * w64, x64, w64
+
+
+def assert_close(got, ref, dtype, what, scale=None):
+    """|got - ref| <= rtol * |ref| + atol * scale, scale the largest |ref| unless given: dx is a
+    difference of two terms that cancel (completely at width 1), so its scale is theirs."""
+    rtol, atol = TOL[dtype]
+    got, ref = got.detach(), ref.detach()
+    err = (got.double() - ref).abs()
+    scale = ref.abs().max() if scale is None else scale
+    bound = rtol * ref.abs() + atol * max(float(scale), 1e-30)
+    assert got.dtype == dtype, f"{what}: dtype {got.dtype}"
+    assert torch.isfinite(got).all(), f"{what}: non-finite values"
+    assert torch.all(err <= bound), f"{what}: max error {err.max().item():.3g} ({dtype})"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("width", [1, 7, 768, 1000, 8200])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed_input", "strided_grad"])
+@pytest.mark.parametrize("gain", [True, False])
+def test_matches_fp64_reference(ops, dtype, width, layout, gain):
+    g = torch.Generator().manual_seed(width)
+    rows = 24
+    if layout == "transposed_input":
+        x = torch.randn(width, rows, generator=g).to(dtype).t()
+    else:
+        x = torch.randn(rows, width, generator=g).to(dtype)
+    x = x.requires_grad_()
+    w = (1 + 0.5 * torch.randn(width, generator=g)).requires_grad_() if gain else None
+    dy = torch.randn(rows, 2 * width, generator=g).to(dtype)
+    dy = dy[:, ::2] if layout == "strided_grad" else dy[:, :width].contiguous()
+
+    y = rms_norm(x, w, EPS)
+    y.backward(dy)
+    ref, x64, w64 = reference(x, w, width)
+    ref.backward(dy.double())
+    assert_close(y, ref, dtype, "y")
+    dx_scale = (dy.double() * (1 if w is None else w.detach().double()) / (x64.detach().pow(2).mean(-1, keepdim=True) + EPS).sqrt())
+    assert_close(x.grad, x64.grad, dtype, "dx", scale=dx_scale.abs().max())
+    if gain:  # dg is summed in fp32 and cast to the gain's dtype (fp32 here) once
+        assert_close(w.grad, w64.grad, torch.float32, "dg")
+
+
+@pytest.mark.parametrize("k", [1, 5, 48])
+def test_partial_statistics(ops, k):
+    """pRMSNorm: the RMS of the first k features scales all of them; gradients flow to all of them."""
+    x = torch.randn(3, 5, 48, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(48, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn(3, 5, 48, dtype=torch.float64)
+    y = rms_norm(x, w, EPS, stats_features=k)
+    y.backward(dy)
+    ref, x64, w64 = reference(x, w, k)
+    ref.backward(dy)
+    assert_close(y, ref, torch.float64, "y")
+    assert_close(x.grad, x64.grad, torch.float64, "dx")
+    assert_close(w.grad, w64.grad, torch.float64, "dg")
+
+
+def test_gradcheck_fp64(ops):
+    x = torch.randn(2, 3, 10, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(10, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w: rms_norm(x, w, EPS), (x, w))
+    assert torch.autograd.gradcheck(lambda x, w: rms_norm(x, w, EPS, stats_features=4), (x, w))
+    assert torch.autograd.gradcheck(lambda x: rms_norm(x, None, EPS), (x,))
+
+
+def test_gain_gradient_over_many_rows_is_summed_in_fp32(ops):
+    """8192 bf16 rows: summed in bf16, dg was off by ~18 (on values up to ~130) in a trial, in fp32
+    by ~3e-4; 2e-3 separates the two."""
+    torch.manual_seed(0)
+    x = torch.randn(8192, 16).bfloat16().requires_grad_()
+    w = torch.ones(16, requires_grad=True)
+    dy = torch.randn(8192, 16).bfloat16()
+    rms_norm(x, w, EPS).backward(dy)
+    ref, _, w64 = reference(x, w, 16)
+    ref.backward(dy.double())
+    torch.testing.assert_close(w.grad.double(), w64.grad, rtol=0, atol=2e-3)
+
+
+def test_zero_rows(ops):
+    x = torch.randn(0, 32, requires_grad=True)
+    w = torch.ones(32, requires_grad=True)
+    y = rms_norm(x, w, EPS)
+    y.sum().backward()
+    assert y.shape == (0, 32) and x.grad.shape == (0, 32) and torch.all(w.grad == 0)
+
+
+def test_thread_count_changes_only_rounding(ops):
+    """Rows are split across threads and dg is reduced once per chunk: 1 and 2 threads agree."""
+    x = torch.randn(512, 96)
+    w = torch.randn(96)
+    dy = torch.randn(512, 96)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            y, rstd = ops.rms_norm_forward(x, w, EPS, 96)
+            results.append((y, *ops.rms_norm_backward(dy, x, w, rstd, 96, True)))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_ops_pass_opcheck(ops):
+    x = torch.randn(4, 3, 20)
+    w = torch.randn(20)
+    y, rstd = ops.rms_norm_forward(x, w, EPS, 20)
+    torch.library.opcheck(ops.rms_norm_forward, (x, w, EPS, 20))
+    torch.library.opcheck(ops.rms_norm_forward, (x, None, EPS, 6))
+    torch.library.opcheck(ops.rms_norm_backward, (torch.randn_like(x), x, w, rstd, 20, True))
+    torch.library.opcheck(ops.rms_norm_backward, (torch.randn_like(x), x, None, rstd, 20, False))
+
+
+def test_compiles_without_graph_break(ops):
+    """fullgraph=True fails on any graph break; aot_eager traces forward and backward without inductor's C++ build."""
+    x = torch.randn(6, 32, requires_grad=True)
+    w = torch.randn(32, requires_grad=True)
+
+    def loss(x, w):
+        return rms_norm(x, w, EPS).square().sum()
+
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
+    got = torch.autograd.grad(compiled(x, w), (x, w))
+    want = torch.autograd.grad(loss(x, w), (x, w))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
+def test_kernel_and_aten_formula_agree(ops, monkeypatch):
+    """NORMGPT_CPU_KERNEL=0 (USE_CPU_KERNEL) selects the ATen formula; both compute the same RMSNorm."""
+    x = torch.randn(16, 64, requires_grad=True)
+    w = torch.randn(64, requires_grad=True)
+    outputs = []
+    for use_kernel in (True, False):
+        monkeypatch.setattr(cpu_kernel, "USE_CPU_KERNEL", use_kernel)
+        y = rms_norm(x, w, EPS, stats_features=40)
+        outputs.append((y, *torch.autograd.grad(y.square().sum(), (x, w))))
+    for a, b in zip(*outputs):
+        torch.testing.assert_close(a, b)
+
+
+def test_failed_build_warns_once_and_falls_back(monkeypatch):
+    def no_compiler():
+        raise OSError("g++: command not found")
+
+    monkeypatch.setattr(cpu_kernel, "_ops", None)
+    monkeypatch.setattr(cpu_kernel, "_failed", False)
+    monkeypatch.setattr(cpu_kernel, "_build", no_compiler)
+    x = torch.randn(4, 8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        y1 = rms_norm(x, None, EPS)
+        y2 = rms_norm(x, None, EPS)
+    messages = [str(w.message) for w in caught if "CPU RMSNorm kernel" in str(w.message)]
+    assert len(messages) == 1 and "g++: command not found" in messages[0]
+    torch.testing.assert_close(y1, x * (x.pow(2).mean(-1, keepdim=True) + EPS).rsqrt())
+    torch.testing.assert_close(y1, y2)
