@@ -22,10 +22,10 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <optional>
 #include <tuple>
-#include <vector>
 
 namespace {
 
@@ -116,7 +116,8 @@ std::tuple<Tensor, Tensor> rms_norm_forward(const Tensor& x, const std::optional
   Tensor rstd = at::empty({rows}, g.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rms_norm_forward", [&] {
     using A = at::opmath_type<scalar_t>;
-    forward_rows<scalar_t, A>(x2.const_data_ptr<scalar_t>(), g.const_data_ptr<A>(), y.mutable_data_ptr<scalar_t>(), rstd.mutable_data_ptr<A>(), rows, n, k, A(eps));
+    forward_rows<scalar_t, A>(x2.const_data_ptr<scalar_t>(), g.const_data_ptr<A>(), y.mutable_data_ptr<scalar_t>(),
+                              rstd.mutable_data_ptr<A>(), rows, n, k, A(eps));
   });
   return {y.view(x.sizes()), rstd};
 }

@@ -1,0 +1,40 @@
+"""The benchmarks run end to end at tiny sizes (their numbers are not checked, only that every
+variant produced one): a benchmark that has rotted is found here, not on a lent GPU."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_benchmark(*args):
+    done = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def test_bench_norms_cpu_times_every_norm(tmp_path):
+    out = run_benchmark("benchmarks/bench_norms.py", "--cpu", "--shape", "64x48", "--rounds", "1",
+                        "--number", "1", "--json", str(tmp_path / "cpu.json"))
+    rows = json.loads((tmp_path / "cpu.json").read_text())
+    names = {row["impl"] for row in rows}
+    assert {"layernorm", "rmsnorm", "prmsnorm", "scalenorm", "(rmsnorm from ATen ops)"} <= names
+    assert all(row["fwd_ms"] > 0 and row["fwdbwd_ms"] > 0 for row in rows)
+    assert "rmsnorm's C++ kernel: built" in out
+
+
+def test_bench_train_step_cpu_runs_each_variant(tmp_path):
+    run_benchmark("benchmarks/bench_train_step.py", "--tiny", "--device", "cpu", "--modes", "eager",
+                  "--rounds", "1", "--steps", "1", "--warmup", "1", "--variants", "none,rmsnorm,rmsnorm_aten",
+                  "--json", str(tmp_path / "step.json"))
+    rows = json.loads((tmp_path / "step.json").read_text())
+    assert [row["norm"] for row in rows] == ["none", "rmsnorm", "rmsnorm_aten"]
+    assert all(row["ms_per_step"] > 0 for row in rows)
+
+
+def test_bench_train_step_rejects_an_unknown_variant():
+    done = subprocess.run([sys.executable, "benchmarks/bench_train_step.py", "--variants", "rmsnrom"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "unknown variant(s) rmsnrom; valid: none, layernorm" in done.stderr
+    assert "Traceback" not in done.stderr
