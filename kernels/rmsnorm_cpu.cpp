@@ -78,15 +78,23 @@ void backward_rows(const T* dy, const T* x, const A* g, const A* rstd, T* dx, A*
     const A r = rstd[row];
     const A s = row_sum<A>(n, [&](int64_t j) { return g[j] * A(dyr[j]) * A(xr[j]); });
     const A c = r * r * r * s / A(k);
-    // only the k features in the statistics get the second term (k < n is pRMSNorm)
+    // dx (and dg's partial sum, in the same pass over dy and x) for features [from, to); only the k
+    // features in the statistics get the second term (k < n is pRMSNorm), so the rest pass 0
+    auto pass = [&](int64_t from, int64_t to, A second) {
+      if (dg_partial) {
 #pragma omp simd
-    for (int64_t j = 0; j < k; ++j) dxr[j] = T(r * g[j] * A(dyr[j]) - A(xr[j]) * c);
+        for (int64_t j = from; j < to; ++j) {
+          const A dyj = A(dyr[j]), xj = A(xr[j]);
+          dxr[j] = T(r * g[j] * dyj - xj * second);
+          dg_partial[j] += dyj * xj * r;
+        }
+      } else {
 #pragma omp simd
-    for (int64_t j = k; j < n; ++j) dxr[j] = T(r * g[j] * A(dyr[j]));
-    if (dg_partial) {
-#pragma omp simd
-      for (int64_t j = 0; j < n; ++j) dg_partial[j] += A(dyr[j]) * A(xr[j]) * r;
-    }
+        for (int64_t j = from; j < to; ++j) dxr[j] = T(r * g[j] * A(dyr[j]) - A(xr[j]) * second);
+      }
+    };
+    pass(0, k, c);
+    pass(k, n, A(0));
   }
 }
 
