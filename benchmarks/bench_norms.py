@@ -16,6 +16,7 @@ falls back to without that kernel.
 import argparse
 import json
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -173,8 +174,13 @@ def run_cpu(args):
     times = {(name, mode): [] for name in fns for mode in ("fwd", "fwdbwd")}
     for name, fn in fns.items():  # warm-up (and the one fallback warning of triton_rmsnorm)
         fwd_bwd(fn)
-    for _ in range(args.rounds):
-        for name, fn in fns.items():
+    for round_index in range(args.rounds):
+        # a new order each round: a variant's cost must not depend on which one ran before it (the
+        # allocator's state after a neighbour's 25 MB tensors moved one norm's median by ~40% here)
+        order = list(fns)
+        random.Random(round_index).shuffle(order)
+        for name in order:
+            fn = fns[name]
             for mode, run in (("fwd", fwd), ("fwdbwd", fwd_bwd)):
                 start = time.perf_counter()
                 for _ in range(args.number):
@@ -182,7 +188,7 @@ def run_cpu(args):
                 times[name, mode].append((time.perf_counter() - start) / args.number * 1e3)
     print(f"# CPU: {cpu_model()} | {torch.get_num_threads()} threads | torch {torch.__version__}"
           f" | rmsnorm's C++ kernel: {'built' if cpu_ops() is not None else 'NOT available, ATen formula'}")
-    print(f"# {n}x{d} fp32; median of {args.rounds} interleaved rounds of {args.number} calls (min-max)\n")
+    print(f"# {n}x{d} fp32; median of {args.rounds} rounds of {args.number} calls, variants in a new random order each round (min-max)\n")
     print("| norm | fwd ms | fwd+bwd ms |\n|---|---|---|")
     rows = []
     for name in fns:

@@ -3,8 +3,8 @@ batch 16 x 1024 tokens, bf16 autocast, fused AdamW, random tokens) for each norm
 torch.compile'd. The identity-norm variant bounds what any norm kernel can save.
 
 Run-to-run spread is as large as the effect being measured (~2% on an H200), so the variants run
-round-robin, `--rounds` times `--steps` steps each; reported is the median over rounds of the
-ms/step, with its min-max. Eager and compiled variants of a norm share one model and optimizer.
+round-robin in a new random order each round, `--rounds` times `--steps` steps each; reported is the
+median over rounds of the ms/step, with its min-max. Eager and compiled variants of a norm share one model and optimizer.
 
     python benchmarks/bench_train_step.py [--rounds 5] [--steps 5] [--modes eager,compiled] [--json out.json]
     python benchmarks/bench_train_step.py --tiny --device cpu --modes eager   # a seconds-long smoke run
@@ -18,6 +18,7 @@ without its C++ CPU kernel (kernels/rmsnorm_cpu.py), the ATen formula it falls b
 """
 import argparse
 import json
+import random
 import statistics
 import sys
 import time
@@ -115,7 +116,10 @@ def main():
         if round_index and args.max_seconds and time.perf_counter() - began > args.max_seconds:
             print(f"time budget spent: {round_index} rounds", file=sys.stderr)
             break
-        for key, step in runs.items():
+        order = list(runs)  # a new order each round, so no variant always follows the same neighbour
+        random.Random(round_index).shuffle(order)
+        for key in order:
+            step = runs[key]
             sync(device)
             start = time.perf_counter()
             for _ in range(args.steps):
@@ -127,7 +131,7 @@ def main():
     print(f"command: python {' '.join(sys.argv)}")
     print(f"# {name} | torch {torch.__version__} | {config_file.name}, batch {batch} x {config.block_size}, "
           f"{'bf16 autocast' if device.type == 'cuda' else 'fp32'}")
-    print(f"# median over {len(next(iter(ms.values())))} interleaved rounds of {args.steps} steps (min-max)\n")
+    print(f"# median over {len(next(iter(ms.values())))} rounds of {args.steps} steps, variants in a new random order each round (min-max)\n")
     print("| norm | mode | ms/step | tokens/s | vs none |\n|---|---|---|---|---|")
     rows = []
     for (variant, mode), times in ms.items():
