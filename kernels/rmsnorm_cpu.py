@@ -19,6 +19,11 @@ from pathlib import Path
 
 import torch
 
+try:
+    import fcntl  # POSIX only
+except ImportError:
+    fcntl = None
+
 USE_CPU_KERNEL = os.environ.get("NORMGPT_CPU_KERNEL", "1") != "0"
 SOURCE = Path(__file__).with_name("rmsnorm_cpu.cpp")
 _ops = None
@@ -36,23 +41,42 @@ def _ninja_on_path():
             pass
 
 
+def wants_avx2():
+    """AVX2 + FMA wherever torch's own kernels use AVX2 or AVX-512 (they pick at run time; this library
+    is built for one CPU): the backward ran 1.6x faster than the default SSE2 build at 1024x128, and
+    AVX-512 gave no more."""
+    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+
+
+def build_directory():
+    """Where the library is built and cached: one folder per torch and Python version (the library is
+    compiled against both) and per instruction set (a home directory shared by different machines
+    keeps one build per kind of CPU)."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions"
+    python = f"py{sys.version_info.major}{sys.version_info.minor}"
+    return Path(root) / f"normgpt_rmsnorm_cpu-{python}-torch{torch.__version__}-{'avx2' if wants_avx2() else 'baseline'}"
+
+
 def _build():
     from torch.utils import cpp_extension
     _ninja_on_path()
-    # Vector width: AVX2 + FMA wherever torch's own kernels use AVX2 or AVX-512 (they pick at run time;
-    # this library is built for one CPU), which made the backward 1.6x faster than the default SSE2
-    # build at 1024x128 (AVX-512 gave no more). The instruction set is in the library's name, so a home
-    # directory shared by different machines keeps one build per kind of CPU.
-    avx2 = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
-    vector_flags = ["-mavx2", "-mfma"] if avx2 else []
+    folder = build_directory()
+    folder.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    # -fopenmp: at::parallel_for is an OpenMP loop compiled into this library, serial without it
-    cpp_extension.load(name="normgpt_rmsnorm_cpu" + ("_avx2" if avx2 else ""), sources=[str(SOURCE)],
-                       extra_cflags=["-O3", "-fopenmp", *vector_flags], extra_ldflags=["-fopenmp"],
-                       is_python_module=False)
+    with open(folder / "normgpt.lock", "w") as lock:
+        # torch's builder marks a build in progress with a file named "lock" and waits, forever, while it
+        # exists, so a build killed midway would hang every later run. An flock is released by the OS
+        # when its process dies; whoever holds it is the only builder, so a "lock" file seen then is stale.
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            (folder / "lock").unlink(missing_ok=True)
+        # -fopenmp: at::parallel_for is an OpenMP loop compiled into this library, serial without it
+        cpp_extension.load(name="normgpt_rmsnorm_cpu", sources=[str(SOURCE)], build_directory=str(folder),
+                           extra_cflags=["-O3", "-fopenmp", *(["-mavx2", "-mfma"] if wants_avx2() else [])],
+                           extra_ldflags=["-fopenmp"], is_python_module=False)
     seconds = time.perf_counter() - start
-    if seconds > 2:  # a real build, not a cache hit: say where the time went
-        print(f"built the CPU RMSNorm kernel in {seconds:.0f} s (cached for later runs)", file=sys.stderr)
+    if seconds > 2:  # a real build (or a wait for another process's), not a cache hit
+        print(f"built the CPU RMSNorm kernel in {seconds:.0f} s (cached in {folder})", file=sys.stderr)
 
 
 def _register_fakes():

@@ -3,8 +3,11 @@
 On Linux the kernel must build (CI has g++): a test that silently skipped it would leave RMSNorm's CPU
 speed, and the comparisons that rely on it, untested.
 """
+import os
+import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -192,3 +195,16 @@ def test_failed_build_warns_once_and_falls_back(monkeypatch):
     assert len(messages) == 1 and "g++: command not found" in messages[0]
     torch.testing.assert_close(y1, x * (x.pow(2).mean(-1, keepdim=True) + EPS).rsqrt())
     torch.testing.assert_close(y1, y2)
+
+
+def test_a_build_killed_midway_does_not_hang_the_next(ops, tmp_path):
+    """torch's builder waits, forever, while a file named "lock" sits in the build folder; one left by
+    a killed build must be cleared (a fresh TORCH_EXTENSIONS_DIR: this builds the kernel again, ~10 s)."""
+    script = ("import kernels.rmsnorm_cpu as k\n"
+              "folder = k.build_directory(); folder.mkdir(parents=True); (folder / 'lock').touch()\n"
+              "assert k.cpu_ops() is not None\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parent.parent,
+                          env={**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path)},
+                          capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "built the CPU RMSNorm kernel" in done.stderr
