@@ -149,6 +149,9 @@ def test_ops_pass_opcheck(ops):
     torch.library.opcheck(ops.rms_norm_forward, (x, None, EPS, 6))
     torch.library.opcheck(ops.rms_norm_backward, (torch.randn_like(x), x, w, rstd, 20, True))
     torch.library.opcheck(ops.rms_norm_backward, (torch.randn_like(x), x, None, rstd, 20, False))
+    xt = torch.randn(20, 6).t()  # strided input: outputs are still contiguous, in the fake too
+    torch.library.opcheck(ops.rms_norm_forward, (xt, w, EPS, 20))
+    torch.library.opcheck(ops.rms_norm_backward, (xt, xt, w, ops.rms_norm_forward(xt, w, EPS, 20)[1], 20, True))
 
 
 def test_compiles_without_graph_break(ops):
