@@ -169,17 +169,23 @@ def test_compiles_without_graph_break(ops):
         torch.testing.assert_close(a, b)
 
 
-def test_kernel_and_aten_formula_agree(ops, monkeypatch):
-    """NORMGPT_CPU_KERNEL=0 (USE_CPU_KERNEL) selects the ATen formula; both compute the same RMSNorm."""
-    x = torch.randn(16, 64, requires_grad=True)
-    w = torch.randn(64, requires_grad=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("stats_features", [None, 40])
+def test_kernel_and_aten_formula_agree(ops, monkeypatch, dtype, stats_features):
+    """NORMGPT_CPU_KERNEL=0 (USE_CPU_KERNEL) selects the ATen formula; both compute the same RMSNorm,
+    including bf16 activations with an fp32 gain, as under autocast."""
+    torch.manual_seed(0)
+    x = torch.randn(16, 64).to(dtype).requires_grad_()
+    w = torch.randn(64).to(torch.promote_types(dtype, torch.float32)).requires_grad_()
     outputs = []
     for use_kernel in (True, False):
         monkeypatch.setattr(cpu_kernel, "USE_CPU_KERNEL", use_kernel)
-        y = rms_norm(x, w, EPS, stats_features=40)
-        outputs.append((y, *torch.autograd.grad(y.square().sum(), (x, w))))
+        y = rms_norm(x, w, EPS, stats_features=stats_features)
+        outputs.append((y, *torch.autograd.grad(y.float().square().sum(), (x, w))))
+    rtol, atol = TOL[dtype]
     for a, b in zip(*outputs):
-        torch.testing.assert_close(a, b)
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol * b.abs().max().item())
 
 
 def test_failed_build_warns_once_and_falls_back(monkeypatch):
