@@ -1,7 +1,7 @@
 """RMSNorm's CPU path: the C++ kernel in rmsnorm_cpu.cpp, built on first use.
 
 torch has a fused LayerNorm for CPU but no fused RMSNorm, so an RMSNorm built from ATen ops reads and
-writes the tensor several times and came out 2-3x slower than LayerNorm on CPU (benchmarks/results_cpu.md):
+writes the tensor several times and came out about 2x slower than LayerNorm on CPU (benchmarks/results_cpu.md):
 every CPU comparison would have reported RMSNorm as the slow norm for a reason unrelated to its math.
 
 `cpu_ops()` builds the kernel with torch.utils.cpp_extension (about 10 s on 2 cores, once per machine and
