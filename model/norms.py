@@ -64,7 +64,7 @@ class _RMSNormFunction(torch.autograd.Function):
                 y.mul_(weight)
             y = y.to(x.dtype)
         ctx.save_for_backward(x, weight, rstd)
-        ctx.k, ctx.cpu_kernel = k, ops is not None
+        ctx.k, ctx.cpu_ops = k, ops  # the backward follows the forward's path, whatever the switch says by then
         return y
 
     @staticmethod
@@ -73,8 +73,8 @@ class _RMSNormFunction(torch.autograd.Function):
         x, weight, rstd = ctx.saved_tensors
         n, k = x.shape[-1], ctx.k
         want_dw = weight is not None and ctx.needs_input_grad[1]
-        if ctx.cpu_kernel:
-            dx, dw = cpu_ops().rms_norm_backward(dy, x, weight, rstd, k, want_dw)
+        if ctx.cpu_ops is not None:
+            dx, dw = ctx.cpu_ops.rms_norm_backward(dy, x, weight, rstd, k, want_dw)
             return dx, dw, None, None
         if k == n and x.dtype == rstd.dtype and (weight is None or weight.dtype == x.dtype):
             # LayerNorm's fused backward given mean 0 computes r * (g - mean(g) - x_hat * mean(g * x_hat))

@@ -188,6 +188,18 @@ def test_kernel_and_aten_formula_agree(ops, monkeypatch, dtype, stats_features):
         torch.testing.assert_close(a, b, rtol=rtol, atol=atol * b.abs().max().item())
 
 
+def test_backward_follows_the_forwards_path(ops, monkeypatch):
+    """Switching the kernel off between forward and backward (as a benchmark wrapper around the
+    forward does) must not leave the backward without its ops."""
+    x = torch.randn(4, 8, requires_grad=True)
+    y = rms_norm(x, None, EPS)
+    monkeypatch.setattr(cpu_kernel, "USE_CPU_KERNEL", False)
+    y.backward(torch.ones_like(y))
+    ref, x64, _ = reference(x, None, 8)
+    ref.backward(torch.ones_like(ref))
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-5, atol=1e-6)
+
+
 def test_failed_build_warns_once_and_falls_back(monkeypatch):
     def no_compiler():
         raise OSError("g++: command not found")
