@@ -136,29 +136,16 @@ def _cell(times):
     return f"{statistics.median(times):.2f} ({min(times):.2f}-{max(times):.2f})"
 
 
-def without_cpu_kernel(norm):
-    """norm run with rmsnorm's CPU kernel switched off (its backward follows the forward's choice)."""
-    import kernels.rmsnorm_cpu as rmsnorm_cpu
-
-    def run(x):
-        rmsnorm_cpu.USE_CPU_KERNEL = False
-        try:
-            return norm(x)
-        finally:
-            rmsnorm_cpu.USE_CPU_KERNEL = True
-    return run
-
-
 def run_cpu(args):
     from kernels.rmsnorm import triton_runs_on
-    from kernels.rmsnorm_cpu import cpu_ops
+    from kernels.rmsnorm_cpu import cpu_ops, with_aten_rmsnorm
     n, d = map(int, args.shape.split("x"))
     config = Config(n_embd=d, norm_gain=True)
     torch.manual_seed(0)
     modules = {name: make_norm(name, d, config) for name in NORMS}
     w = torch.ones(d, requires_grad=True)
-    fns = {name: m for name, m in modules.items()}
-    fns["(rmsnorm from ATen ops)"] = without_cpu_kernel(modules["rmsnorm"])
+    fns = dict(modules)
+    fns["(rmsnorm from ATen ops)"] = with_aten_rmsnorm(modules["rmsnorm"])
     fns["(torch F.rms_norm)"] = lambda x: F.rms_norm(x, (d,), w, EPS)
     fns["(torch F.layer_norm)"] = lambda x: F.layer_norm(x, (d,), w, None, EPS)
     x = torch.randn(n, d, requires_grad=True)

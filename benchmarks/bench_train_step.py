@@ -29,6 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from config import load_config  # noqa: E402
+from kernels.rmsnorm_cpu import with_aten_rmsnorm  # noqa: E402
 from model.gpt import GPT  # noqa: E402
 
 VARIANTS = {
@@ -39,18 +40,6 @@ VARIANTS = {
     "triton_rmsnorm+fused_add": dict(norm="triton_rmsnorm", fused_add_norm=True),
     "rmsnorm_aten": dict(norm="rmsnorm"),  # with kernels.rmsnorm_cpu.USE_CPU_KERNEL off (CPU only)
 }
-
-
-def without_cpu_kernel(step):
-    import kernels.rmsnorm_cpu as rmsnorm_cpu
-
-    def run(x, y):
-        rmsnorm_cpu.USE_CPU_KERNEL = False
-        try:
-            step(x, y)
-        finally:
-            rmsnorm_cpu.USE_CPU_KERNEL = True
-    return run
 
 
 def make_step(model, optimizer, device):
@@ -97,7 +86,7 @@ def main():
         config = load_config(config_file, {**VARIANTS[name], "batch_size": batch, "dropout": 0.0})
         model = GPT(config).to(device)
         optimizer = torch.optim.AdamW(model.optimizer_groups(0.1), lr=1e-4, fused=device.type == "cuda")
-        wrap = without_cpu_kernel if name == "rmsnorm_aten" else (lambda step: step)
+        wrap = with_aten_rmsnorm if name == "rmsnorm_aten" else (lambda step: step)
         if "eager" in args.modes:
             runs[name, "eager"] = wrap(make_step(model, optimizer, device))
         if "compiled" in args.modes:

@@ -7,8 +7,8 @@ every CPU comparison would have reported RMSNorm as the slow norm for a reason u
 `cpu_ops()` builds the kernel with torch.utils.cpp_extension (about 10 s on 2 cores, once per machine and
 source version; the library is cached under TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions) and
 returns torch.ops.normgpt_cpu. Where it cannot be built (no C++ compiler, say) it warns once and returns
-None, and model/norms.py keeps its ATen formula. NORMGPT_CPU_KERNEL=0 (or `USE_CPU_KERNEL = False`)
-skips the kernel: benchmarks/bench_norms.py uses that to time the ATen formula beside it.
+None, and model/norms.py keeps its ATen formula. NORMGPT_CPU_KERNEL=0 (or `USE_CPU_KERNEL = False`, or
+`with_aten_rmsnorm(fn)`) skips the kernel: the benchmarks use that to time the ATen formula beside it.
 """
 import os
 import shutil
@@ -108,3 +108,16 @@ def cpu_ops():
             warnings.warn(f"could not build the CPU RMSNorm kernel ({first_line}); using RMSNorm built from "
                           "ATen ops, about 2x slower than LayerNorm on CPU", stacklevel=2)
     return _ops if USE_CPU_KERNEL else None
+
+
+def with_aten_rmsnorm(fn):
+    """fn, made to run its RMSNorms with the ATen formula instead of the kernel (their backward
+    follows the forward's choice); the switch is restored afterwards."""
+    def run(*args):
+        global USE_CPU_KERNEL
+        before, USE_CPU_KERNEL = USE_CPU_KERNEL, False
+        try:
+            return fn(*args)
+        finally:
+            USE_CPU_KERNEL = before
+    return run

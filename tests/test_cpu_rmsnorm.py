@@ -200,6 +200,14 @@ def test_backward_follows_the_forwards_path(ops, monkeypatch):
     torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-5, atol=1e-6)
 
 
+def test_with_aten_rmsnorm_switches_the_kernel_off_and_restores_the_switch(ops, monkeypatch):
+    assert cpu_kernel.with_aten_rmsnorm(cpu_kernel.cpu_ops)() is None
+    assert cpu_kernel.cpu_ops() is ops
+    monkeypatch.setattr(cpu_kernel, "USE_CPU_KERNEL", False)  # as NORMGPT_CPU_KERNEL=0 leaves it
+    cpu_kernel.with_aten_rmsnorm(lambda: None)()
+    assert cpu_kernel.USE_CPU_KERNEL is False  # restored, not switched on
+
+
 def test_failed_build_warns_once_and_falls_back(monkeypatch):
     def no_compiler():
         raise OSError("g++: command not found")
