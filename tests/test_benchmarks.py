@@ -1,15 +1,12 @@
 """The benchmarks run end to end at tiny sizes (their numbers are not checked, only that every
 variant produced one): a benchmark that has rotted is found here, not on a lent GPU."""
 import json
-import subprocess
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from test_train import run_cli
 
 
 def run_benchmark(*args):
-    done = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    done = run_cli(*args)
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout
 
@@ -34,7 +31,6 @@ def test_bench_train_step_cpu_runs_each_variant(tmp_path):
 
 
 def test_bench_train_step_rejects_an_unknown_variant():
-    done = subprocess.run([sys.executable, "benchmarks/bench_train_step.py", "--variants", "rmsnrom"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    done = run_cli("benchmarks/bench_train_step.py", "--variants", "rmsnrom")
     assert done.returncode == 2 and "unknown variant(s) rmsnrom; valid: none, layernorm" in done.stderr
     assert "Traceback" not in done.stderr

@@ -14,11 +14,8 @@ import torch
 
 import kernels.rmsnorm_cpu as cpu_kernel
 from model.norms import rms_norm
+from norm_checks import EPS, TOL, assert_close, dx_scale
 
-EPS = 1e-5
-# (rtol, atol as a fraction of the largest |reference|): each output is rounded once to its dtype
-TOL = {torch.float64: (1e-12, 1e-12), torch.float32: (1e-5, 1e-5),
-       torch.bfloat16: (2 ** -7, 2 ** -7), torch.float16: (2 ** -10, 2 ** -10)}
 
 
 @pytest.fixture(scope="module")
@@ -37,19 +34,6 @@ def reference(x, w, k):
     w64 = None if w is None else w.detach().double().requires_grad_()
     y = x64 * (x64[..., :k].pow(2).mean(-1, keepdim=True) + EPS).rsqrt()
     return y if w64 is None else y * w64, x64, w64
-
-
-def assert_close(got, ref, dtype, what, scale=None):
-    """|got - ref| <= rtol * |ref| + atol * scale, scale the largest |ref| unless given: dx is a
-    difference of two terms that cancel (completely at width 1), so its scale is theirs."""
-    rtol, atol = TOL[dtype]
-    got, ref = got.detach(), ref.detach()
-    err = (got.double() - ref).abs()
-    scale = ref.abs().max() if scale is None else scale
-    bound = rtol * ref.abs() + atol * max(float(scale), 1e-30)
-    assert got.dtype == dtype, f"{what}: dtype {got.dtype}"
-    assert torch.isfinite(got).all(), f"{what}: non-finite values"
-    assert torch.all(err <= bound), f"{what}: max error {err.max().item():.3g} ({dtype})"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
@@ -72,10 +56,11 @@ def test_matches_fp64_reference(ops, dtype, width, layout, gain):
     y.backward(dy)
     ref, x64, w64 = reference(x, w, width)
     ref.backward(dy.double())
+    assert y.dtype == x.grad.dtype == dtype
     assert_close(y, ref, dtype, "y")
-    dx_scale = (dy.double() * (1 if w is None else w.detach().double()) / (x64.detach().pow(2).mean(-1, keepdim=True) + EPS).sqrt())
-    assert_close(x.grad, x64.grad, dtype, "dx", scale=dx_scale.abs().max())
+    assert_close(x.grad, x64.grad, dtype, "dx", scale=dx_scale(x, w, dy))
     if gain:  # dg is summed in fp32 and cast to the gain's dtype (fp32 here) once
+        assert w.grad.dtype == torch.float32
         assert_close(w.grad, w64.grad, torch.float32, "dg")
 
 
@@ -89,6 +74,7 @@ def test_partial_statistics(ops, k):
     y.backward(dy)
     ref, x64, w64 = reference(x, w, k)
     ref.backward(dy)
+    assert y.dtype == x.grad.dtype == w.grad.dtype == torch.float64
     assert_close(y, ref, torch.float64, "y")
     assert_close(x.grad, x64.grad, torch.float64, "dx")
     assert_close(w.grad, w64.grad, torch.float64, "dg")

@@ -11,6 +11,7 @@ import torch
 from config import Config, UserError, apply_overrides
 from model.gpt import GPT
 from model.norms import rms_norm
+from norm_checks import EPS, TOL, assert_close, dx_scale
 
 pytest.importorskip("triton")
 from kernels import rmsnorm as K  # noqa: E402
@@ -19,10 +20,6 @@ DEVICE = "cpu" if K.INTERPRETED or not torch.cuda.is_available() else "cuda"
 pytestmark = pytest.mark.skipif(not K.triton_runs_on(torch.empty(0, device=DEVICE)),
                                 reason="Triton cannot run here (no GPU and TRITON_INTERPRET is not 1)")
 
-# (rtol, atol as a fraction of the largest reference value): fp32 at ~1e-5, half types at their
-# rounding (8 bits of mantissa for bf16, 11 for fp16), since every output is rounded once
-TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (2 ** -7, 2 ** -7), torch.float16: (2 ** -10, 2 ** -10)}
-EPS = 1e-5
 
 
 @pytest.fixture(autouse=True)
@@ -36,29 +33,10 @@ def poisoned_empty(monkeypatch):
     monkeypatch.setattr(torch, "empty", poisoned)
 
 
-def assert_close(got, ref, dtype, what, scale=None):
-    """|got - ref| <= rtol * |ref| + atol * scale, with scale the largest |ref| unless given: dx is
-    a difference of two terms that cancel (completely at width 1), so its scale is theirs."""
-    rtol, atol = TOL[dtype]
-    got, ref = got.detach().double().cpu(), ref.detach().double().cpu()
-    scale = ref.abs().max() if scale is None else scale
-    bound = rtol * ref.abs() + atol * max(float(scale), 1e-30)
-    err = (got - ref).abs()
-    assert torch.isfinite(got).all(), f"{what}: non-finite values (an unwritten output?)"
-    assert (err <= bound).all(), f"{what}: max error {err.max():.3g}, worst excess {(err - bound).max():.3g}"
-
-
 def reference(x, weight):
     x = x.double()
     y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + EPS)
     return y if weight is None else y * weight.double()
-
-
-def dx_scale(x, weight, dy):
-    """The size of dx's first term, dy * g / rms(x)."""
-    x, dy = x.detach().double(), dy.double()
-    g = dy if weight is None else dy * weight.detach().double()
-    return (g * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + EPS)).abs().max()
 
 
 def make_input(shape, dtype, layout, scale=1.0):
@@ -260,7 +238,7 @@ def test_cpu_autograd_path_matches_fp64(dtype, stats_features):
     k = stats_features or 24
     yr = xr * torch.rsqrt(xr[..., :k].pow(2).mean(-1, keepdim=True) + EPS) * wr
     ref = torch.autograd.grad(yr, (xr, wr), dy.double())
-    tol = TOL.get(dtype, (1e-12, 1e-12))
+    tol = TOL[dtype]
     assert y.dtype == dtype
     torch.testing.assert_close(y.double(), yr, rtol=tol[0], atol=tol[1] * yr.abs().max().item())
     for g, r in zip(got, ref):

@@ -1,0 +1,28 @@
+"""Tolerances and comparisons shared by the RMSNorm kernel tests (test_kernels.py: Triton;
+test_cpu_rmsnorm.py: the C++ CPU kernel), both checked against fp64 references."""
+import torch
+
+EPS = 1e-5
+# (rtol, atol as a fraction of the largest reference value): each output is rounded once to its
+# dtype, so fp32 at ~1e-5 and the half types at their rounding (8 bits of mantissa for bf16, 11 for fp16)
+TOL = {torch.float64: (1e-12, 1e-12), torch.float32: (1e-5, 1e-5),
+       torch.bfloat16: (2 ** -7, 2 ** -7), torch.float16: (2 ** -10, 2 ** -10)}
+
+
+def assert_close(got, ref, dtype, what, scale=None):
+    """|got - ref| <= rtol * |ref| + atol * scale, with scale the largest |ref| unless given: dx is
+    a difference of two terms that cancel (completely at width 1), so its scale is theirs."""
+    rtol, atol = TOL[dtype]
+    got, ref = got.detach().double().cpu(), ref.detach().double().cpu()
+    scale = ref.abs().max() if scale is None else scale
+    bound = rtol * ref.abs() + atol * max(float(scale), 1e-30)
+    err = (got - ref).abs()
+    assert torch.isfinite(got).all(), f"{what}: non-finite values (an unwritten output?)"
+    assert (err <= bound).all(), f"{what}: max error {err.max():.3g}, worst excess {(err - bound).max():.3g}"
+
+
+def dx_scale(x, weight, dy):
+    """The size of dx's first term, dy * g / rms(x)."""
+    x, dy = x.detach().double(), dy.double()
+    g = dy if weight is None else dy * weight.detach().double()
+    return (g * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + EPS)).abs().max()
