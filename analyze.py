@@ -23,8 +23,10 @@ import plots
 from checkpoint import load_model
 from config import UserError, run_main
 from data.prepare import prepare_data
-from model.diagnostics import norm_sites, read_diagnostics
-from model.norms import LayerNorm, rms_norm, upcast
+from kernels.rmsnorm import rms_norm
+from model.diagnostics import norm_sites
+from model.norms import LayerNorm, upcast
+from runlog import read_diagnostics
 from train import evaluate
 
 

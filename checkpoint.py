@@ -1,4 +1,5 @@
-"""Checkpoints: written atomically into <run dir>/checkpoints/step_XXXXXXX, the last K kept.
+"""Checkpoints: written atomically into <run dir>/checkpoints/step_XXXXXXX, the last K kept. This module
+owns their format: train.py calls save_checkpoint / load_checkpoint and names no file in them.
 
 A checkpoint folder holds
     model.safetensors   weights, keys without "_orig_mod." / "module." (loads into any plain GPT)
@@ -23,6 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from config import UserError, config_from_json, save_config
 
+WEIGHTS, TRAIN_STATE, CONFIG, TOKENIZER, META = "model.safetensors", "train_state.pt", "config.json", "tokenizer.json", "meta.json"
 WRAPPER_PREFIXES = ("_orig_mod.", "module.")  # added by torch.compile and DDP
 # Keys that change the model's parameters or wiring: a resume may not change them.
 ARCHITECTURE_KEYS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias", "norm", "attn_norm",
@@ -46,7 +48,7 @@ def list_checkpoints(run_dir):
     if not folder.is_dir():
         return []
     return sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith("step_")
-                  and (p / "model.safetensors").is_file())
+                  and (p / WEIGHTS).is_file())
 
 
 def rng_state():
@@ -64,8 +66,14 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(accelerator, run_dir, step, model, train_state, config, meta, tokenizer_path, keep):
+def rng_file(rank):
+    return f"rng_rank{rank}.pt"
+
+
+def save_checkpoint(accelerator, run_dir, step, model, optimizer, batches, counters, config, meta, tokenizer_path, keep):
     """Every process calls this (each saves its RNG states); the main process writes the rest."""
+    train_state = {"optimizer": optimizer.state_dict(), "batches": batches.state_dict(), "counters": dict(counters),
+                   "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None}
     folder = Path(run_dir) / "checkpoints"
     final = folder / f"step_{step:07d}"
     tmp = folder / f".tmp_step_{step:07d}"
@@ -74,14 +82,14 @@ def save_checkpoint(accelerator, run_dir, step, model, train_state, config, meta
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    torch.save(rng_state(), tmp / f"rng_rank{accelerator.process_index}.pt")
+    torch.save(rng_state(), tmp / rng_file(accelerator.process_index))
     state_dict = accelerator.get_state_dict(model)  # gathers shards under FSDP; collective call
     if accelerator.is_main_process:
-        save_file(clean_state_dict(state_dict), tmp / "model.safetensors")
-        torch.save(train_state, tmp / "train_state.pt")
-        save_config(config, tmp / "config.json")
-        shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
-        (tmp / "meta.json").write_text(json.dumps({"step": step, "num_processes": accelerator.num_processes, **meta}))
+        save_file(clean_state_dict(state_dict), tmp / WEIGHTS)
+        torch.save(train_state, tmp / TRAIN_STATE)
+        save_config(config, tmp / CONFIG)
+        shutil.copyfile(tokenizer_path, tmp / TOKENIZER)
+        (tmp / META).write_text(json.dumps({"step": step, "num_processes": accelerator.num_processes, **meta}))
         for f in tmp.iterdir():  # flush file contents before the rename makes them "the" checkpoint
             with open(f, "rb+") as fh:
                 os.fsync(fh.fileno())
@@ -94,6 +102,20 @@ def save_checkpoint(accelerator, run_dir, step, model, train_state, config, meta
     return final
 
 
+def load_checkpoint(folder, accelerator, model, optimizer, batches):
+    """Restore weights, optimizer, grad scaler, batch position and this process's RNG states from a
+    checkpoint folder; returns the saved counters (step, tokens seen, ...)."""
+    folder = Path(folder)
+    saved = torch.load(folder / TRAIN_STATE, weights_only=False)
+    load_weights(accelerator.unwrap_model(model), folder / WEIGHTS)
+    optimizer.load_state_dict(saved["optimizer"])
+    if accelerator.scaler is not None and saved["scaler"] is not None:
+        accelerator.scaler.load_state_dict(saved["scaler"])
+    batches.load_state_dict(saved["batches"])
+    set_rng_state(torch.load(folder / rng_file(accelerator.process_index), weights_only=False))
+    return saved["counters"]
+
+
 def fsync_dir(path):
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -103,12 +125,12 @@ def fsync_dir(path):
 
 
 def read_meta(folder):
-    return json.loads((Path(folder) / "meta.json").read_text())
+    return json.loads((Path(folder) / META).read_text())
 
 
 def check_resumable(folder, config, tokenizer_hash, num_processes):
     """Refuse a resume that would change the model's shape, its tokenizer or the process count."""
-    saved = config_from_json(folder / "config.json")
+    saved = config_from_json(folder / CONFIG)
     changed = [k for k in ARCHITECTURE_KEYS if getattr(saved, k) != getattr(config, k)]
     if changed:
         diffs = ", ".join(f"{k} {getattr(saved, k)!r} -> {getattr(config, k)!r}" for k in changed)
@@ -123,26 +145,12 @@ def check_resumable(folder, config, tokenizer_hash, num_processes):
                         f"{meta['num_processes']} (data order and RNG streams are per process)")
 
 
-def jsonl_lines_up_to(path, step):
-    """The lines of a run's log (metrics.jsonl, diagnostics.jsonl) for steps <= step, for a resume from
-    that step. Later lines were written by the killed process after its last checkpoint and will be
-    written again; a line torn by the kill does not parse and is dropped."""
-    kept = []
-    for line in path.read_text().splitlines() if path.exists() else []:
-        try:
-            if json.loads(line)["step"] <= step:
-                kept.append(line)
-        except (json.JSONDecodeError, KeyError, TypeError):
-            pass
-    return kept
-
-
 def find_checkpoint(path):
     """A checkpoint folder, or the latest complete checkpoint of a run dir."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{str(path)!r} does not exist; give a run dir (out_dir of a training run) or a checkpoint folder")
-    if (path / "model.safetensors").is_file() and (path / "config.json").is_file():
+    if (path / WEIGHTS).is_file() and (path / CONFIG).is_file():
         return path
     checkpoints = list_checkpoints(path)
     if not checkpoints:
@@ -154,9 +162,9 @@ def load_model(path, device="cpu"):
     """(model, config, checkpoint folder) from a run dir or checkpoint folder, in eval mode."""
     from model import GPT
     folder = find_checkpoint(path)
-    config = config_from_json(folder / "config.json")
+    config = config_from_json(folder / CONFIG)
     model = GPT(config)
-    load_weights(model, folder / "model.safetensors")
+    load_weights(model, folder / WEIGHTS)
     return model.to(device).eval(), config, folder
 
 

@@ -40,7 +40,8 @@ from scipy import stats
 import plots
 from checkpoint import list_checkpoints
 from config import UserError, apply_overrides, load_config, read_toml, run_main
-from model.diagnostics import read_diagnostics
+from model.norms import check_model_config
+from runlog import read_diagnostics, read_metrics
 
 COMPARISON_KEYS = {"base_config", "base", "out_dir", "seeds", "baseline", "target_val_loss", "variants"}
 RESULT_KEYS = ["variant", "seed", "status", "final_val_loss", "best_val_loss", "final_train_loss", "tokens_per_s",
@@ -102,15 +103,11 @@ def load_comparison(path):
             run_dir = Path(spec["out_dir"]) / "runs" / name / f"seed{seed}"
             try:
                 config = apply_overrides(base, {**overrides, "seed": seed, "out_dir": str(run_dir)}).validate()
+                check_model_config(config)
             except UserError as e:
                 raise UserError(f"{path}: variant {name!r}: {e}") from None
             runs.append((name, seed, config))
     return Comparison(path.stem, Path(spec["out_dir"]), seeds, baseline, float(target), runs)
-
-
-def read_metrics(run_dir):
-    path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(l) for l in path.read_text().splitlines()] if path.exists() else []
 
 
 def time_to_target(metrics, target):

@@ -7,9 +7,10 @@ names the problem and what would be valid. The resolved config is saved into the
 import dataclasses
 import difflib
 import json
+import os
 import sys
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 
@@ -38,7 +39,7 @@ class Config:
     norm_gain: bool = True        # learnable gain in every norm
     prms_fraction: float = 0.0625  # pRMSNorm: share of features the RMS is estimated from
     fused_add_norm: bool = False  # pre-norm + RMS norms only: each residual add and the norm after it run
-                                  # as one Triton kernel (kernels/rmsnorm.py); same math as unfused
+                                  # as one Triton kernel (kernels/rmsnorm_triton.py); same math as unfused
     # --- data ---
     data: str = "stdlib"          # "stdlib" (embedded), a path or glob of text files, or "hf:<dataset>"
     hf_config: str = ""           # Hugging Face dataset config name
@@ -72,6 +73,8 @@ class Config:
     diagnostics: bool = False     # per-layer norm statistics at eval steps -> diagnostics.jsonl (model/diagnostics.py)
 
     def validate(self):
+        """Checks that need no other module; the norm names and stack are checked by
+        model.norms.check_model_config (config.py imports no project module)."""
         positive = ["vocab_size", "block_size", "n_layer", "n_head", "n_embd", "batch_size",
                     "grad_accum", "max_steps", "eval_interval", "eval_windows", "log_interval",
                     "keep_checkpoints", "max_bad_steps"]
@@ -100,14 +103,6 @@ class Config:
         for name, valid in choices.items():
             if getattr(self, name) not in valid:
                 raise UserError(f"{name} = {getattr(self, name)!r} is not valid; choose one of {', '.join(valid)}")
-        from model.norms import resolve_norm_stack  # checks every norm name and block_norms' length
-        blocks, _ = resolve_norm_stack(self)
-        if self.fused_add_norm:
-            fusable = ("rmsnorm", "triton_rmsnorm")
-            other = sorted({n for pair in blocks for n in pair} - set(fusable))
-            if self.norm_position != "pre" or other:
-                why = "norm_position is 'post'" if self.norm_position != "pre" else f"blocks use {', '.join(other)}"
-                raise UserError(f"fused_add_norm needs pre-norm blocks whose norms are all rmsnorm or triton_rmsnorm; {why}")
         return self
 
     def to_dict(self):
@@ -198,7 +193,11 @@ def load_config(path: str | Path | None, overrides: list[str] | dict = ()) -> Co
 
 
 def save_config(config: Config, path: Path):
-    path.write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    """Written to a temporary file and renamed over `path`: a kill never leaves half a config."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 def config_from_json(path: Path) -> Config:

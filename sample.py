@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-from checkpoint import load_model, read_meta
+from checkpoint import TOKENIZER, load_model, read_meta
 from config import UserError, run_main
 from data.prepare import END_OF_DOCUMENT, file_sha256
 
@@ -75,7 +75,7 @@ class StreamingDecoder:
 def generate_samples(args, out=None):
     out = out or sys.stdout
     model, config, folder = load_model(args.run, args.device)
-    tokenizer_file = Path(args.tokenizer or folder / "tokenizer.json")
+    tokenizer_file = Path(args.tokenizer or folder / TOKENIZER)
     if not tokenizer_file.is_file():
         raise UserError(f"tokenizer {str(tokenizer_file)!r} does not exist")
     if file_sha256(tokenizer_file) != read_meta(folder)["tokenizer_hash"]:

@@ -5,11 +5,9 @@
 
 `train(config)` is the whole training loop as a function; compare.py calls it for every variant.
 """
-import json
 import math
 import os
 import random
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -20,13 +18,13 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from tqdm import tqdm
 
-from checkpoint import (check_resumable, jsonl_lines_up_to, list_checkpoints, load_weights, save_checkpoint,
-                        set_rng_state)
-from config import UserError, load_config, run_main, save_config
+from checkpoint import check_resumable, list_checkpoints, load_checkpoint, save_checkpoint
+from config import UserError, load_config, run_main
 from data.batches import TrainBatches, validation_batches
 from data.prepare import check_data_size, prepare_data
-from model import GPT
+from model import GPT, check_model_config
 from model.diagnostics import Diagnostics
+from runlog import RunLog
 
 
 def learning_rate(step, config):
@@ -71,6 +69,7 @@ def make_accelerator(config):
 
 def train(config, resume=False, log=None):
     """Train (or resume) the run in config.out_dir; returns a summary dict of the run."""
+    check_model_config(config)  # a bad norm stack fails here, before any data is prepared
     accelerator = make_accelerator(config)
     try:
         return _train(config, resume, log or accelerator.print, accelerator)
@@ -113,41 +112,29 @@ def _train(config, resume, log, accelerator):
              "skipped_steps": 0, "bad_steps_in_row": 0}
 
     if resume:
-        folder = checkpoints[-1]
-        saved = torch.load(folder / "train_state.pt", weights_only=False)
-        load_weights(accelerator.unwrap_model(model), folder / "model.safetensors")
-        optimizer.load_state_dict(saved["optimizer"])
-        if accelerator.scaler is not None and saved["scaler"] is not None:
-            accelerator.scaler.load_state_dict(saved["scaler"])
-        batches.load_state_dict(saved["batches"])
-        set_rng_state(torch.load(folder / f"rng_rank{accelerator.process_index}.pt", weights_only=False))
-        state = saved["counters"]
-        log(f"resumed from {folder} at step {state['step']}")
+        state = load_checkpoint(checkpoints[-1], accelerator, model, optimizer, batches)
+        log(f"resumed from {checkpoints[-1]} at step {state['step']}")
 
-    metrics_path = run_dir / "metrics.jsonl"
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, run_dir / "config.json")
-        shutil.copyfile(data.tokenizer_path, run_dir / "tokenizer.json")
-        kept = jsonl_lines_up_to(metrics_path, state["step"]) if resume else []
-        metrics_path.write_text("".join(l + "\n" for l in kept))
+    runlog = RunLog(run_dir) if accelerator.is_main_process else None
+    if runlog is not None:
+        runlog.start(config, data.tokenizer_path, state["step"])
 
-    # per-layer norm statistics at every eval (config.diagnostics; model/diagnostics.py)
-    diagnostics = Diagnostics(accelerator.unwrap_model(model), optimizer, val_tokens, config, state["step"]) \
-        if config.diagnostics and accelerator.is_main_process else None
+    diagnostics = None  # per-layer norm statistics at every eval (config.diagnostics; model/diagnostics.py)
+    if config.diagnostics and accelerator.is_main_process:
+        # one batch of fixed validation windows, spread over the whole validation split
+        x, _ = next(validation_batches(val_tokens, config.block_size, config.batch_size, config.batch_size,
+                                       device=accelerator.device))
+        diagnostics = Diagnostics(accelerator.unwrap_model(model), optimizer, x)
 
     def record(**entry):
-        if accelerator.is_main_process:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(entry) + "\n")
+        if runlog is not None:
+            runlog.metrics(entry)
             if diagnostics is not None and entry["val_loss"] is not None:
-                diagnostics.record(entry["step"])
+                runlog.diagnostics(diagnostics.measure(entry["step"]))
 
     def checkpoint():
-        train_state = {"optimizer": optimizer.state_dict(), "batches": batches.state_dict(), "counters": dict(state),
-                       "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None}
         meta = {"tokenizer_hash": data.tokenizer_hash, "corpus_hash": data.corpus_hash}
-        save_checkpoint(accelerator, run_dir, state["step"], model, train_state, config, meta,
+        save_checkpoint(accelerator, run_dir, state["step"], model, optimizer, batches, state, config, meta,
                         data.tokenizer_path, config.keep_checkpoints)
 
     val_loss = None

@@ -27,7 +27,7 @@ cat "$OUT_DIR/machine.txt"
 # time limits (s); typical runs take well under them (~400 s in all), most of it compiling five GPTs.
 # Eager and compiled steps run as two invocations so that the compiles cannot cost the eager table.
 # NORMGPT_CPU_KERNEL=0: the few CPU-tensor tests here use the ATen RMSNorm instead of first building
-# the C++ CPU kernel (~10-20 s of this budget; tests/test_cpu_rmsnorm.py covers that kernel on CPU)
+# the C++ CPU kernel (~10-20 s of this budget; tests/test_rmsnorm.py covers that kernel on CPU)
 run tests 150 env TRITON_INTERPRET=0 NORMGPT_CPU_KERNEL=0 "$PY" -m pytest -q tests/test_kernels.py
 run bench_norms 120 "$PY" benchmarks/bench_norms.py --json "$OUT_DIR/bench_norms.json"
 run bench_train_step_eager 90 "$PY" benchmarks/bench_train_step.py --modes eager --rounds 5 --steps 5 \

@@ -1,6 +1,6 @@
 // RMSNorm forward and backward for CPU tensors, one pass over each row, as torch ops
 // (torch.ops.normgpt_cpu.rms_norm_forward / rms_norm_backward). kernels/rmsnorm_cpu.py builds this
-// file with torch.utils.cpp_extension on first use; model/norms.py's autograd Function calls the ops.
+// file with torch.utils.cpp_extension on first use; kernels/rmsnorm.py's autograd Function calls the ops.
 //
 // Why it exists: eager ATen has a fused LayerNorm for CPU but no fused RMSNorm, so RMSNorm written
 // from ATen ops reads and writes the tensor several times and ran about 2x slower than LayerNorm there,

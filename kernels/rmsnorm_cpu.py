@@ -7,7 +7,7 @@ every CPU comparison would have reported RMSNorm as the slow norm for a reason u
 `cpu_ops()` builds the kernel with torch.utils.cpp_extension (about 10 s on 2 cores, once per machine and
 source version; the library is cached under TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions) and
 returns torch.ops.normgpt_cpu. Where it cannot be built (no C++ compiler, say) it warns once and returns
-None, and model/norms.py keeps its ATen formula. NORMGPT_CPU_KERNEL=0 (or `USE_CPU_KERNEL = False`, or
+None, and kernels/rmsnorm.py keeps its ATen formula. NORMGPT_CPU_KERNEL=0 (or `USE_CPU_KERNEL = False`, or
 `with_aten_rmsnorm(fn)`) skips the kernel: the benchmarks use that to time the ATen formula beside it.
 """
 import os

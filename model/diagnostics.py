@@ -1,7 +1,7 @@
 """Per-layer diagnostics of the norms: how big is what each norm sees, and how much of it is mean.
 
-Recorded at eval steps when `config.diagnostics` is on, one JSON line per eval in
-<out_dir>/diagnostics.jsonl:
+Measured at eval steps when `config.diagnostics` is on; train.py writes one JSON line per eval to
+<out_dir>/diagnostics.jsonl (runlog.py) with:
 
     sites        ["block0.attn", "block0.mlp", ..., "final"]   every norm site, in forward order
     input_rms    per site: RMS of the norm's input, sqrt(mean(x^2)) over features, averaged over tokens
@@ -14,16 +14,11 @@ Recorded at eval steps when `config.diagnostics` is on, one JSON line per eval i
                  profile over depth is unchanged), null before the first step
 
 The statistics are pure functions of a tensor (tested on hand-made inputs); the collector runs ONE
-extra forward pass in eval mode on the first fixed validation batch, with hooks that exist only for
-that pass, so training itself is untouched (no RNG is drawn, no hook slows the training steps).
+extra forward pass in eval mode on a batch the caller gives (train.py: the first batch of the fixed
+validation windows), with hooks that exist only for that pass, so training itself is untouched (no
+RNG is drawn, no hook slows the training steps).
 """
-import json
-from pathlib import Path
-
 import torch
-
-from checkpoint import jsonl_lines_up_to
-from data.batches import validation_batches
 
 
 def token_stats(x):
@@ -84,34 +79,19 @@ def collect(model, x):
 
 
 class Diagnostics:
-    """Hooked into train(): `Diagnostics(model, optimizer, val_tokens, config, start_step)` once, then
-    `record(step)` at every eval. Runs on the main process only; `model` is the unwrapped GPT."""
+    """Hooked into train(): `Diagnostics(model, optimizer, x)` once, with `model` the unwrapped GPT and
+    x the token batch every measurement uses, then `measure(step)` at every eval -> one log entry."""
 
-    def __init__(self, model, optimizer, val_tokens, config, start_step=0):
-        model = getattr(model, "_orig_mod", model)  # hooks on the plain module, not a torch.compile wrapper
-        self.model, self.grad_norms = model, None
-        self.path = Path(config.out_dir) / "diagnostics.jsonl"
-        device = next(model.parameters()).device
-        # one batch of fixed validation windows, spread over the whole validation split
-        self.x, _ = next(validation_batches(val_tokens, config.block_size, config.batch_size, config.batch_size,
-                                            device=device))
+    def __init__(self, model, optimizer, x):
+        self.model = getattr(model, "_orig_mod", model)  # hooks on the plain module, not a torch.compile wrapper
+        self.x, self.grad_norms = x, None
         # gradients are gone after optimizer.zero_grad(), so read them just before each real step
         # (accelerate's wrapper only calls the inner optimizer's step when gradients are synced)
         getattr(optimizer, "optimizer", optimizer).register_step_pre_hook(self._read_grads)
-        # a resumed run rewrites the steps after its checkpoint, as train() does for metrics.jsonl
-        kept = jsonl_lines_up_to(self.path, start_step) if start_step else []
-        self.path.write_text("".join(l + "\n" for l in kept))
 
     def _read_grads(self, optimizer, args, kwargs):
         self.grad_norms = [grad_norm(block.parameters()) for block in self.model.transformer.h]
 
-    def record(self, step):
+    def measure(self, step):
         grads = None if self.grad_norms is None else [None if g is None else g.item() for g in self.grad_norms]
-        entry = {"step": step, **collect(self.model, self.x), "grad_norm": grads}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(entry) + "\n")
-
-
-def read_diagnostics(run_dir):
-    path = Path(run_dir) / "diagnostics.jsonl"
-    return [json.loads(l) for l in path.read_text().splitlines()] if path.exists() else []
+        return {"step": step, **collect(self.model, self.x), "grad_norm": grads}

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model.norms import make_norm, resolve_norm_stack
+from model.norms import check_model_config, make_norm, resolve_norm_stack
 
 
 class CausalSelfAttention(nn.Module):
@@ -107,7 +107,7 @@ def add_then_norm(norm, x, delta):
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.config = config
+        self.config = check_model_config(config)
         block_norms, final_norm = resolve_norm_stack(config)
         self.norm_stack = block_norms, final_norm
         self.transformer = nn.ModuleDict(dict(

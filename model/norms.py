@@ -10,7 +10,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels.rmsnorm_cpu import cpu_ops
+from config import UserError
+from kernels.rmsnorm import rms_norm
 
 
 def upcast(x):
@@ -35,71 +36,6 @@ class LayerNorm(nn.Module):
         return y.to(x.dtype)
 
 
-class _RMSNormFunction(torch.autograd.Function):
-    """RMSNorm (see rms_norm below) with a closed-form backward that saves only x and 1/rms (one value
-    per row). Autograd through the composite formula keeps every intermediate, and on CPU it ran ~4x
-    slower than F.layer_norm's fused kernel (figures in benchmarks/results_cpu.md).
-
-    With y = x * r * g, r = (mean(x[:k]^2) + eps)^-1/2 and k the features the statistics use:
-        dx = r * g * dy - [j < k] * x * r^3 * sum(g * dy * x) / k,   dg = sum_rows(dy * x * r)
-    CPU tensors go to the one-pass C++ kernel of kernels/rmsnorm_cpu.cpp, which computes exactly this.
-    Elsewhere (or where that kernel cannot be built) it is computed from ATen ops: full-width
-    statistics in x's own dtype reuse LayerNorm's fused backward; otherwise both sums come from one
-    product p = dy * x, as matrix-vector products.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, eps, k):
-        k = x.shape[-1] if k is None else k
-        ops = cpu_ops() if x.device.type == "cpu" else None
-        if ops is not None:
-            y, rstd = ops.rms_norm_forward(x, weight, eps, k)
-        else:
-            # ||x||^2 without materialising x^2 (or an fp32 copy of a bf16 x)
-            part = x[..., :k]
-            rstd = torch.linalg.vector_norm(part, dim=-1, keepdim=True, dtype=torch.promote_types(x.dtype, torch.float32))
-            rstd = rstd.square_().div_(k).add_(eps).rsqrt_()
-            y = x * rstd  # in the statistics' dtype
-            if weight is not None:
-                y.mul_(weight)
-            y = y.to(x.dtype)
-        ctx.save_for_backward(x, weight, rstd)
-        ctx.k, ctx.cpu_ops = k, ops  # the backward follows the forward's path, whatever the switch says by then
-        return y
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dy):
-        x, weight, rstd = ctx.saved_tensors
-        n, k = x.shape[-1], ctx.k
-        want_dw = weight is not None and ctx.needs_input_grad[1]
-        if ctx.cpu_ops is not None:
-            dx, dw = ctx.cpu_ops.rms_norm_backward(dy, x, weight, rstd, k, want_dw)
-            return dx, dw, None, None
-        if k == n and x.dtype == rstd.dtype and (weight is None or weight.dtype == x.dtype):
-            # LayerNorm's fused backward given mean 0 computes r * (g - mean(g) - x_hat * mean(g * x_hat))
-            # with g = dy * weight: RMSNorm's dx less r * mean(g), which one matrix-vector product adds
-            dx, dw, _ = torch.ops.aten.native_layer_norm_backward(
-                dy, x, [n], torch.zeros_like(rstd), rstd, weight, None, [True, want_dw, False])
-            mean_g = (dy @ weight if weight is not None else dy.sum(-1)).unsqueeze(-1).div_(n)
-            return dx.add_(mean_g.mul_(rstd)), dw, None, None
-        xf, dyf, r = x.reshape(-1, n).to(rstd.dtype), dy.reshape(-1, n).to(rstd.dtype), rstd.reshape(-1, 1)
-        p = dyf * xf
-        s = p @ weight.to(p.dtype) if weight is not None else p.sum(-1)
-        dw = (p.T @ r.squeeze(1)).to(weight.dtype) if want_dw else None
-        dx = torch.mul(dyf, r, out=p)  # p is spent: reuse its memory
-        if weight is not None:
-            dx.mul_(weight)
-        dx[:, :k].addcmul_(xf[:, :k], r.pow(3).squeeze(1).mul_(s).div_(k).unsqueeze(1), value=-1)
-        return dx.view(x.shape).to(x.dtype), dw, None, None
-
-
-def rms_norm(x, weight, eps, stats_features=None):
-    """x / sqrt(mean(x[..., :k]^2) + eps) * weight, k = stats_features (default: all features); the
-    statistics in fp32 (fp64 for fp64 inputs), the output in x's dtype."""
-    return _RMSNormFunction.apply(x, weight, eps, stats_features)
-
-
 class RMSNorm(nn.Module):
     """x / sqrt(mean(x^2) + eps) * g: re-scales without re-centering (Zhang & Sennrich, 2019).
 
@@ -114,14 +50,14 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim)) if config.norm_gain else None
         self.stats_features = None  # all features; PartialRMSNorm estimates from fewer
 
-    def forward(self, x):
+    def forward(self, x):  # the C++ kernel on CPU, ATen ops elsewhere (kernels/rmsnorm.py)
         return rms_norm(x, self.weight, self.eps, self.stats_features)
 
     def add_norm(self, x, residual):
         """(norm(residual + x), residual + x) in one fused Triton kernel where Triton runs
         (config.fused_add_norm; see model/gpt.py), else the same math unfused."""
-        from kernels.rmsnorm import add_rms_norm
-        return add_rms_norm(x, residual, self.weight, self.eps)
+        from kernels.rmsnorm_triton import triton_add_rms_norm  # imports triton: only when asked for
+        return triton_add_rms_norm(x, residual, self.weight, self.eps)
 
 
 class PartialRMSNorm(RMSNorm):
@@ -136,12 +72,12 @@ class PartialRMSNorm(RMSNorm):
 
 
 class TritonRMSNorm(RMSNorm):
-    """rmsnorm computed by the fused Triton kernel (kernels/rmsnorm.py). Same parameters, hence
+    """rmsnorm computed by the fused Triton kernel (kernels/rmsnorm_triton.py). Same parameters, hence
     the same checkpoint keys, as rmsnorm: a run can switch between the two. Where Triton cannot run
     it falls back to rmsnorm's math with one warning."""
 
     def forward(self, x):
-        from kernels.rmsnorm import rms_norm as triton_rms_norm
+        from kernels.rmsnorm_triton import triton_rms_norm
         return triton_rms_norm(x, self.weight, self.eps)
 
 
@@ -188,7 +124,6 @@ NORMS = {
 
 def check_norm_name(name, where):
     if name not in NORMS:
-        from config import UserError
         raise UserError(f"unknown norm {name!r} in {where}; valid norms: {', '.join(NORMS)}")
     return name
 
@@ -203,7 +138,6 @@ def parse_block_norms(spec, n_layer):
     Accepts a compact string "layernorm*2,rmsnorm*2" (a "/" pairs the attention and MLP norms:
     "layernorm/rmsnorm") or a TOML list whose entries are names or [attn, mlp] pairs.
     """
-    from config import UserError
     entries = []
     items = [s.strip() for s in spec.split(",") if s.strip()] if isinstance(spec, str) else spec
     for item in items:
@@ -244,3 +178,16 @@ def resolve_norm_stack(config):
     else:
         blocks = [(attn, mlp)] * config.n_layer
     return blocks, final
+
+
+def check_model_config(config):
+    """The checks of a config that need the registry (config.py imports no project module). Call it
+    before any data is prepared, so that a bad norm stack fails in the first second."""
+    blocks, _ = resolve_norm_stack(config)
+    if config.fused_add_norm:
+        fusable = ("rmsnorm", "triton_rmsnorm")
+        other = sorted({n for pair in blocks for n in pair} - set(fusable))
+        if config.norm_position != "pre" or other:
+            why = "norm_position is 'post'" if config.norm_position != "pre" else f"blocks use {', '.join(other)}"
+            raise UserError(f"fused_add_norm needs pre-norm blocks whose norms are all rmsnorm or triton_rmsnorm; {why}")
+    return config

@@ -2,11 +2,11 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before any @triton.jit: kernels run on CPU tensors (gpu_check.sh sets 0)
 import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from repo import ROOT
+
 sys.path.insert(0, str(ROOT))
 
 from config import Config, load_config  # noqa: E402

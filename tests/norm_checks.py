@@ -1,5 +1,5 @@
-"""Tolerances and comparisons shared by the RMSNorm kernel tests (test_kernels.py: Triton;
-test_cpu_rmsnorm.py: the C++ CPU kernel), both checked against fp64 references."""
+"""The fp64 reference, tolerances and comparisons shared by the norm tests (test_norms.py: the
+registry; test_kernels.py: Triton; test_rmsnorm.py: kernels.rmsnorm and its C++ CPU kernel)."""
 import torch
 
 EPS = 1e-5
@@ -7,6 +7,14 @@ EPS = 1e-5
 # dtype, so fp32 at ~1e-5 and the half types at their rounding (8 bits of mantissa for bf16, 11 for fp16)
 TOL = {torch.float64: (1e-12, 1e-12), torch.float32: (1e-5, 1e-5),
        torch.bfloat16: (2 ** -7, 2 ** -7), torch.float16: (2 ** -10, 2 ** -10)}
+
+
+def rms_norm_fp64(x, weight=None, k=None, eps=EPS):
+    """x / sqrt(mean(x[..., :k]^2) + eps) * weight in fp64, written out (autograd flows through it)."""
+    x = x.double()
+    k = x.shape[-1] if k is None else k
+    y = x * torch.rsqrt(x[..., :k].pow(2).mean(-1, keepdim=True) + eps)
+    return y if weight is None else y * weight.double()
 
 
 def assert_close(got, ref, dtype, what, scale=None):

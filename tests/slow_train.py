@@ -8,9 +8,10 @@ process at a chosen moment; the production code has no test hooks.
 import os
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from repo import ROOT
+
+sys.path.insert(0, str(ROOT))
 import checkpoint  # noqa: E402
 import train  # noqa: E402
 

@@ -8,8 +8,8 @@ import pytest
 import sample
 import train
 from config import run_main
+from repo import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def run_entry_point(module, argv, capsys, monkeypatch):
@@ -71,6 +71,7 @@ def snapshot(folder):
     return {p: p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow
 def test_training_into_an_existing_run_is_refused_and_loses_nothing(finished_run, capsys, monkeypatch):
     before = snapshot(finished_run)
     code, err = run_entry_point(train, ["configs/tiny.toml", f"--out_dir={finished_run}",
@@ -94,6 +95,7 @@ SAMPLE_CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("argv, message", SAMPLE_CASES)
 def test_sample_rejects_bad_input_in_one_line(argv, message, finished_run, tmp_path, capsys, monkeypatch):
     other = tmp_path / "other_tokenizer.json"

@@ -2,7 +2,11 @@
 variant produced one): a benchmark that has rotted is found here, not on a lent GPU."""
 import json
 
-from test_train import run_cli
+import pytest
+
+from repo import run_cli
+
+pytestmark = pytest.mark.slow  # every test here trains or starts subprocesses
 
 
 def run_benchmark(*args):

@@ -15,8 +15,8 @@ import compare
 import train as train_module
 from analyze import run_probe
 from config import UserError
+from repo import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def write_comparison(folder, cache, variants, seeds=(1, 2), extra_base=""):
@@ -162,6 +162,7 @@ def test_probe_on_a_trained_run(tiny):
     assert (run_dir / "probe.png").is_file() and "| final | RMSNorm |" in (run_dir / "probe.md").read_text()
 
 
+@pytest.mark.slow
 def test_a_failing_variant_is_reported_and_the_others_complete(tmp_path, shared_cache):
     variants = {"layernorm": {"norm": "layernorm"}, "broken": {"data": str(tmp_path / "missing" / "*.txt")}}
     path = write_comparison(tmp_path, shared_cache, variants, seeds=(1,), extra_base="max_steps = 10")
@@ -189,6 +190,7 @@ def test_bad_comparison_configs_are_one_line_errors(tmp_path, body, message):
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.slow
 def test_command_line_error_is_one_line(tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "compare.py"), str(tmp_path / "nope.toml")],
                           capture_output=True, text=True, cwd=ROOT)

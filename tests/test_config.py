@@ -1,11 +1,11 @@
 """Config loading: TOML, overrides, and one-line errors for bad input."""
-from pathlib import Path
 
 import pytest
 
 from config import Config, UserError, load_config, parse_cli_overrides
+from model import check_model_config
+from repo import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 TRAIN_CONFIGS = [p.name for p in (ROOT / "configs").glob("*.toml") if not p.name.startswith("compare_")]
@@ -48,8 +48,9 @@ def toml(tmp_path, text):
     ('n_layer = [', "is not valid TOML"),
 ])
 def test_bad_config_is_one_clear_error(tmp_path, text, message):
+    """load_config's own checks, then the registry's (model.check_model_config), as train() runs them."""
     with pytest.raises(UserError, match=message):
-        load_config(toml(tmp_path, text))
+        check_model_config(load_config(toml(tmp_path, text)))
 
 
 def test_missing_config_file():

@@ -9,6 +9,7 @@ from config import UserError, load_config
 from data.batches import TrainBatches, validation_batches
 from data.corpus import split_documents, stdlib_documents, stdlib_files
 from data.prepare import END_OF_DOCUMENT, check_data_size, prepare_data
+from repo import ROOT
 
 CODE = "def f(x):\n    return x + 1\n\n\nclass A:\n    pass\n"
 
@@ -140,11 +141,11 @@ def test_validation_windows_do_not_depend_on_batch_size_or_processes():
     assert sorted(rows(2, 0, 2) + rows(2, 1, 2)) == sorted(once)
 
 
+@pytest.mark.slow
 def test_the_embedded_corpus_does_not_need_datasets(shared_cache):
     """The GPU machines have no `datasets`: training on the stdlib corpus must never import it."""
     import subprocess
     import sys
-    from pathlib import Path
     code = f"""
 import sys
 class BlockDatasets:
@@ -158,6 +159,6 @@ from data.prepare import prepare_data
 prepare_data(load_config('configs/tiny.toml', {{'cache_dir': {shared_cache!r}}}), log=lambda *a: None)
 print('ok')
 """
-    proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent,
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]

@@ -8,7 +8,6 @@ import torch
 from accelerate import Accelerator
 
 from analyze import Centered, Uncentered, probe, with_centering
-from config import apply_overrides
 from model import GPT
 from model.diagnostics import collect, grad_norm, norm_sites, token_stats
 from model.norms import LayerNorm, RMSNorm

@@ -8,13 +8,13 @@ import warnings
 import pytest
 import torch
 
-from config import Config, UserError, apply_overrides
+from config import Config, apply_overrides
+from kernels.rmsnorm import rms_norm
 from model.gpt import GPT
-from model.norms import rms_norm
-from norm_checks import EPS, TOL, assert_close, dx_scale
+from norm_checks import EPS, assert_close, dx_scale, rms_norm_fp64
 
 pytest.importorskip("triton")
-from kernels import rmsnorm as K  # noqa: E402
+from kernels import rmsnorm_triton as K  # noqa: E402
 
 DEVICE = "cpu" if K.INTERPRETED or not torch.cuda.is_available() else "cuda"
 pytestmark = pytest.mark.skipif(not K.triton_runs_on(torch.empty(0, device=DEVICE)),
@@ -31,12 +31,6 @@ def poisoned_empty(monkeypatch):
         t = empty(*args, **kwargs)
         return t.fill_(float("nan")) if t.is_floating_point() else t
     monkeypatch.setattr(torch, "empty", poisoned)
-
-
-def reference(x, weight):
-    x = x.double()
-    y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + EPS)
-    return y if weight is None else y * weight.double()
 
 
 def make_input(shape, dtype, layout, scale=1.0):
@@ -66,12 +60,12 @@ def test_rms_norm_matches_fp64(dtype, width, layout, gain):
     x = make_input(shape, dtype, layout, scale=3.0).requires_grad_()
     w = (torch.randn(width) * 0.5 + 1).to(DEVICE, dtype).requires_grad_() if gain else None
     dy = make_input(shape, dtype, "transposed" if layout != "contiguous" else "contiguous")  # strided grads too
-    y = K.rms_norm(x, w, EPS)
+    y = K.triton_rms_norm(x, w, EPS)
     assert y.dtype == dtype and y.shape == x.shape
     got = grads(y, (x, w), dy)
     xr = x.detach().double().requires_grad_()
     wr = w.detach().double().requires_grad_() if gain else None
-    yr = reference(xr, wr)
+    yr = rms_norm_fp64(xr, wr)
     ref = grads(yr, (xr, wr), dy.double())
     assert_close(y, yr, dtype, "y")
     assert_close(got[0], ref[0], dtype, "dx", scale=dx_scale(x, w, dy))
@@ -89,13 +83,13 @@ def test_add_rms_norm_matches_fp64(dtype, width):
     res = make_input(shape, dtype, "transposed", scale=2.0).requires_grad_()
     w = (torch.randn(width) * 0.5 + 1).to(DEVICE, dtype).requires_grad_()
     dy, ds = make_input(shape, dtype, "contiguous"), make_input(shape, dtype, "transposed")
-    y, s = K.add_rms_norm(x, res, w, EPS)
+    y, s = K.triton_add_rms_norm(x, res, w, EPS)
     got = torch.autograd.grad((y, s), (x, res, w), (dy, ds))
     xr, rr, wr = (t.detach().double().requires_grad_() for t in (x, res, w))
     exact = xr + rr
     # the kernel normalizes the sum as stored, like `x = x + f(x)`, with the gradient of the sum
     sr = exact.detach().to(dtype).double() + (exact - exact.detach())
-    yr = reference(sr, wr)
+    yr = rms_norm_fp64(sr, wr)
     ref = torch.autograd.grad((yr, sr), (xr, rr, wr), (dy.double(), ds.double()))
     assert_close(s, exact, dtype, "s")
     assert_close(y, yr, dtype, "y")
@@ -108,7 +102,7 @@ def test_add_rms_norm_mixed_dtypes_promote_like_torch():
     """A bf16 sublayer output added to an fp32 residual stream gives fp32, as `residual + x` does."""
     x = torch.randn(4, 64, device=DEVICE, dtype=torch.bfloat16)
     res = torch.randn(4, 64, device=DEVICE)
-    y, s = K.add_rms_norm(x, res, None, EPS)
+    y, s = K.triton_add_rms_norm(x, res, None, EPS)
     assert s.dtype == y.dtype == torch.float32
     torch.testing.assert_close(s, res + x)
     torch.testing.assert_close(y, rms_norm(res + x, None, EPS))
@@ -118,15 +112,15 @@ def test_zero_rows_and_widest_rows():
     for shape in [(0, 768), (2, 0, 64)]:
         x = torch.randn(shape, device=DEVICE, requires_grad=True)
         w = torch.ones(shape[-1], device=DEVICE, requires_grad=True)
-        K.rms_norm(x, w, EPS).sum().backward()
+        K.triton_rms_norm(x, w, EPS).sum().backward()
         assert x.grad.shape == x.shape and torch.equal(w.grad, torch.zeros_like(w))
     torch.manual_seed(0)
     x = make_input((2, 65536), torch.float32, "contiguous").requires_grad_()
     w = torch.randn(65536, device=DEVICE, requires_grad=True)
     dy = torch.randn_like(x)
-    got = grads(K.rms_norm(x, w, EPS), (x, w), dy)
+    got = grads(K.triton_rms_norm(x, w, EPS), (x, w), dy)
     xr, wr = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
-    for g, r in zip(got, grads(reference(xr, wr), (xr, wr), dy.double())):
+    for g, r in zip(got, grads(rms_norm_fp64(xr, wr), (xr, wr), dy.double())):
         assert_close(g, r, torch.float32, "65536 wide")
 
 
@@ -136,10 +130,10 @@ def test_offsets_past_2_pow_31():
     rows = 2 ** 31 // n + 2
     x = torch.randn(rows, n, device=DEVICE, dtype=torch.bfloat16)
     w = torch.ones(n, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
-    y = K.rms_norm(x, w, EPS)
+    y = K.triton_rms_norm(x, w, EPS)
     torch.testing.assert_close(y[-2:], rms_norm(x[-2:], w, EPS))
     x.requires_grad_()
-    y = K.rms_norm(x, w, EPS)
+    y = K.triton_rms_norm(x, w, EPS)
     y.backward(torch.ones_like(y))
     xr = x[-2:].detach().requires_grad_()
     rms_norm(xr, w.detach(), EPS).backward(torch.ones_like(xr))
@@ -173,14 +167,6 @@ def test_gpt_with_triton_rmsnorm_matches_rmsnorm(fused):
         torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-4, atol=atol, msg=name)
 
 
-def test_fused_add_norm_config_is_validated():
-    with pytest.raises(UserError, match="fused_add_norm"):
-        tiny_gpt_config(norm="layernorm", fused_add_norm=True)
-    with pytest.raises(UserError, match="post"):
-        tiny_gpt_config(norm="rmsnorm", norm_position="post", fused_add_norm=True)
-    tiny_gpt_config(norm="rmsnorm", final_norm="layernorm", fused_add_norm=True)  # the final norm may differ
-
-
 def test_opcheck():
     x = torch.randn(3, 4, 40, device=DEVICE, requires_grad=True)
     res = torch.randn(3, 4, 40, device=DEVICE, requires_grad=True)
@@ -195,8 +181,8 @@ def test_compiles_without_graph_break():
     """fullgraph=True fails on any graph break. On CPU the interpreter's op is opaque to the
     compiler (aot_eager runs it as is); on a GPU Inductor sees the kernels themselves."""
     def f(x, res, w):
-        y, s = K.add_rms_norm(x, res, w, EPS)
-        return K.rms_norm(y * s, w, EPS).sum()
+        y, s = K.triton_add_rms_norm(x, res, w, EPS)
+        return K.triton_rms_norm(y * s, w, EPS).sum()
     backend = "inductor" if DEVICE == "cuda" else "aot_eager"
     compiled = torch.compile(f, backend=backend, fullgraph=True)
     inputs = [torch.randn(6, 96, device=DEVICE, requires_grad=True) for _ in range(2)]
@@ -216,33 +202,11 @@ def test_falls_back_with_one_warning(monkeypatch):
     w = torch.randn(32)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        y = K.rms_norm(x, w, EPS)
-        y2, s = K.add_rms_norm(x, x, w, EPS)
+        y = K.triton_rms_norm(x, w, EPS)
+        y2, s = K.triton_add_rms_norm(x, x, w, EPS)
     assert len(caught) == 1 and "reference RMSNorm" in str(caught[0].message)
-    torch.testing.assert_close(y, reference(x, w).float())
-    torch.testing.assert_close(y2, reference(2 * x, w).float())
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-@pytest.mark.parametrize("stats_features", [None, 5])
-def test_cpu_autograd_path_matches_fp64(dtype, stats_features):
-    """model.norms.rms_norm, the closed-form autograd Function behind rmsnorm and prmsnorm."""
-    torch.manual_seed(1)
-    x = (torch.randn(4, 3, 24) * 2 + 0.5).to(dtype).requires_grad_()
-    # an fp32 gain with bf16 activations, as under autocast
-    w = (torch.randn(24) + 1).to(torch.promote_types(dtype, torch.float32)).requires_grad_()
-    dy = torch.randn(4, 3, 24).to(dtype)
-    y = rms_norm(x, w, EPS, stats_features)
-    got = torch.autograd.grad(y, (x, w), dy)
-    xr, wr = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
-    k = stats_features or 24
-    yr = xr * torch.rsqrt(xr[..., :k].pow(2).mean(-1, keepdim=True) + EPS) * wr
-    ref = torch.autograd.grad(yr, (xr, wr), dy.double())
-    tol = TOL[dtype]
-    assert y.dtype == dtype
-    torch.testing.assert_close(y.double(), yr, rtol=tol[0], atol=tol[1] * yr.abs().max().item())
-    for g, r in zip(got, ref):
-        torch.testing.assert_close(g.double(), r, rtol=tol[0], atol=tol[1] * r.abs().max().item())
+    torch.testing.assert_close(y, rms_norm_fp64(x, w).float())
+    torch.testing.assert_close(y2, rms_norm_fp64(2 * x, w).float())
 
 
 def test_gpt_with_fused_add_norm_compiles_as_one_graph():
@@ -256,12 +220,42 @@ def test_gpt_with_fused_add_norm_compiles_as_one_graph():
     torch.testing.assert_close(loss, model(idx, targets=idx)[1])
 
 
-def test_cpu_autograd_path_compiles_as_one_graph():
-    x = torch.randn(8, 32, requires_grad=True)
-    w = torch.randn(32, requires_grad=True)
-    for k in (None, 5):
-        compiled = torch.compile(lambda x, w: rms_norm(x, w, EPS, k), backend="aot_eager", fullgraph=True)
-        got = torch.autograd.grad(compiled(x, w).sum(), (x, w))
-        ref = torch.autograd.grad(rms_norm(x, w, EPS, k).sum(), (x, w))
-        for g, r in zip(got, ref):
-            torch.testing.assert_close(g, r)
+@pytest.mark.parametrize("op", ["triton_rms_norm", "triton_add_rms_norm"])
+@pytest.mark.parametrize("make, message", [
+    (lambda: (torch.randn(2, 16), torch.ones(8)), r"weight shape \(8,\) must be \(16,\)"),  # was read past its end
+    (lambda: (torch.randn(2, 16), torch.ones(32)), r"weight shape \(32,\) must be \(16,\)"),  # was silently cut
+    (lambda: (torch.ones(2, 16, dtype=torch.int32), None), "x must be a floating-point tensor"),  # gave integers
+    (lambda: (torch.randn(2, 16), torch.ones(16, device="meta")), "weight is on meta but x is on"),
+])
+def test_bad_inputs_are_refused_in_one_line(op, make, message):
+    x, w = make()
+    x = x.to(DEVICE)
+    w = w if w is None or w.device.type == "meta" else w.to(DEVICE)
+    with pytest.raises(ValueError, match=message):
+        if op == "triton_rms_norm":
+            K.triton_rms_norm(x, w, EPS)
+        else:
+            K.triton_add_rms_norm(x, x.clone(), w, EPS)
+
+
+def test_add_rms_norm_refuses_a_residual_of_another_shape():
+    x = torch.randn(2, 16, device=DEVICE)
+    with pytest.raises(ValueError, match=r"residual shape \(2, 8\) must equal x's \(2, 16\)"):
+        K.triton_add_rms_norm(x, torch.randn(2, 8, device=DEVICE), None, EPS)
+    with pytest.raises(ValueError, match="residual must be a floating-point tensor"):
+        K.triton_add_rms_norm(x, torch.ones(2, 16, dtype=torch.int64, device=DEVICE), None, EPS)
+
+
+def test_fp64_is_computed_in_fp64():
+    """The kernels compute in fp32; fp64 inputs go to kernels.rmsnorm instead, so they are exact
+    (to ~1e-15, where fp32 arithmetic would be off by ~1e-7) and a gradcheck passes."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 40, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    w = torch.randn(40, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    assert_close(K.triton_rms_norm(x, w, EPS), rms_norm_fp64(x, w), torch.float64, "y")
+    y, s = K.triton_add_rms_norm(x, 2 * x, w, EPS)
+    assert y.dtype == s.dtype == torch.float64
+    assert_close(y, rms_norm_fp64(3 * x, w), torch.float64, "add y")
+    assert torch.autograd.gradcheck(lambda x, w: K.triton_rms_norm(x, w, EPS), (x, w))
+    assert torch.autograd.gradcheck(lambda x, r, w: K.triton_add_rms_norm(x, r, w, EPS)[0],
+                                    (x, torch.randn_like(x, requires_grad=True), w))

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from config import UserError
-from model.norms import NORMS, make_norm, parse_block_norms, resolve_norm_stack
+from model.norms import NORMS, check_model_config, make_norm, parse_block_norms, resolve_norm_stack
+from norm_checks import rms_norm_fp64
 
 
 def reference(name, x, weight, bias, eps, prms_fraction):
@@ -17,7 +18,7 @@ def reference(name, x, weight, bias, eps, prms_fraction):
         y = c / torch.sqrt(c.pow(2).mean(-1, keepdim=True) + eps)
     elif name in ("rmsnorm", "prmsnorm"):
         k = math.ceil(prms_fraction * d) if name == "prmsnorm" else d
-        y = x / torch.sqrt(x[..., :k].pow(2).mean(-1, keepdim=True) + eps)
+        return rms_norm_fp64(x, weight, k, eps)
     elif name == "scalenorm":
         return math.sqrt(d) * x / x.norm(dim=-1, keepdim=True).clamp_min(eps)
     else:
@@ -111,7 +112,7 @@ def test_block_norms_errors(spec, n_layer, message):
 
 def test_unknown_norm_lists_the_valid_ones(small_model_config):
     with pytest.raises(UserError, match="valid norms: layernorm, rmsnorm"):
-        small_model_config(norm="batchnorm")
+        check_model_config(small_model_config(norm="batchnorm"))
 
 
 def test_norm_precedence(small_model_config):
@@ -119,3 +120,11 @@ def test_norm_precedence(small_model_config):
     assert resolve_norm_stack(config) == ([("layernorm", "rmsnorm")] * 3, "none")
     config = small_model_config(n_layer=2, norm="rmsnorm", attn_norm="layernorm", block_norms="scalenorm*2")
     assert resolve_norm_stack(config) == ([("scalenorm", "scalenorm")] * 2, "rmsnorm")
+
+
+def test_fused_add_norm_config_is_checked_where_the_registry_lives(small_model_config):
+    with pytest.raises(UserError, match="fused_add_norm needs pre-norm blocks whose norms are all rmsnorm"):
+        check_model_config(small_model_config(norm="layernorm", fused_add_norm=True))
+    with pytest.raises(UserError, match="norm_position is 'post'"):
+        check_model_config(small_model_config(norm="rmsnorm", norm_position="post", fused_add_norm=True))
+    check_model_config(small_model_config(norm="rmsnorm", final_norm="layernorm", fused_add_norm=True))  # the final norm may differ

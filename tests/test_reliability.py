@@ -16,11 +16,13 @@ from safetensors.torch import load_file
 
 import train as train_module
 from checkpoint import list_checkpoints, load_model
-from compare import read_metrics as metrics
+from runlog import read_metrics as metrics
 from config import UserError
 from train import TrainingDiverged, train
+from repo import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow  # every test here trains or starts subprocesses
+
 TIME_FIELDS = ("elapsed_s", "tokens_per_s")  # wall-clock: the only fields allowed to differ
 
 

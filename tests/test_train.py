@@ -1,19 +1,17 @@
 """End to end: a tiny run trains, checkpoints, samples and resumes; entry points fail with one line."""
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
 from checkpoint import list_checkpoints, load_model
-from compare import read_metrics as metrics
+from runlog import read_metrics as metrics
 from config import UserError
 from sample import generate_samples, parse_args
 from train import learning_rate, train
+from repo import ROOT, run_cli
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 
@@ -26,6 +24,7 @@ def tiny_run(tmp_path_factory, shared_cache):
     return config, train(config, log=lambda *_: None)
 
 
+@pytest.mark.slow
 def test_tiny_run_learns_and_records_metrics(tiny_run):
     config, result = tiny_run
     rows = metrics(config.out_dir)
@@ -50,6 +49,7 @@ def test_checkpoint_is_clean_and_loads_into_a_plain_model(tiny_run):
     assert (Path(config.out_dir) / "tokenizer.json").is_file() and (Path(config.out_dir) / "config.json").is_file()
 
 
+@pytest.mark.slow
 def test_sampling_from_the_run_is_seeded(tiny_run, capsys):
     config, _ = tiny_run
     args = parse_args([config.out_dir, "--prompt", "def", "--num_samples", "2", "--max_new_tokens", "20"])
@@ -67,6 +67,7 @@ def test_existing_run_is_never_overwritten(tiny_run):
         train(config, log=lambda *_: None)
 
 
+@pytest.mark.slow
 def test_resume_continues_to_a_longer_schedule(tiny_config):
     config = tiny_config(max_steps=20)
     train(config, log=lambda *_: None)
@@ -96,10 +97,7 @@ def test_learning_rate_schedule(tiny_config):
     assert learning_rate(55, c) == pytest.approx(0.55) and learning_rate(100, c) == pytest.approx(0.1)
 
 
-def run_cli(*args):
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("args, message", [  # the full table of bad input is in test_bad_input.py
     (["train.py", "configs/tiny.toml", "--n_layers=3"], "unknown config key 'n_layers'; did you mean 'n_layer'?"),
     (["train.py"], "usage: python train.py"),
@@ -111,6 +109,7 @@ def test_entry_points_fail_with_one_line(args, message):
     assert proc.stderr.strip().count("\n") == 0 and message in proc.stderr, proc.stderr
 
 
+@pytest.mark.slow
 def test_readme_demo_entry_points(tmp_path, shared_cache):
     """The demo's own commands (see the Makefile's demo target), shortened to a few steps."""
     makefile = (ROOT / "Makefile").read_text()
@@ -124,6 +123,7 @@ def test_readme_demo_entry_points(tmp_path, shared_cache):
     assert proc.returncode == 0 and "--- sample 1 ---" in proc.stdout, proc.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_matches_the_larger_batch(tmp_path, tiny_config):
     """grad_accum micro-batches of b draw the same windows as one batch of grad_accum * b, and the
     accumulated gradient is their mean, so the runs must agree."""
@@ -139,6 +139,7 @@ def test_gradient_accumulation_matches_the_larger_batch(tmp_path, tiny_config):
     assert two["final_val_loss"] == pytest.approx(one["final_val_loss"], abs=1e-5)
 
 
+@pytest.mark.slow
 def test_bf16_run_after_an_fp32_run_in_the_same_process(tmp_path, tiny_config):
     """compare.py trains variants one after another in one process; accelerate's process-wide state
     must not pin the first run's precision."""

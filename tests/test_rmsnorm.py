@@ -1,4 +1,5 @@
-"""rmsnorm's CPU kernel (kernels/rmsnorm_cpu.cpp) against an fp64 reference, and its fallback.
+"""kernels.rmsnorm.rms_norm (what rmsnorm and prmsnorm run) and its C++ CPU kernel
+(kernels/rmsnorm_cpu.cpp) against an fp64 reference; the ATen path it uses off CPU; its fallback.
 
 On Linux the kernel must build (CI has g++): a test that silently skipped it would leave RMSNorm's CPU
 speed, and the comparisons that rely on it, untested.
@@ -7,14 +8,14 @@ import os
 import subprocess
 import sys
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
 
 import kernels.rmsnorm_cpu as cpu_kernel
-from model.norms import rms_norm
-from norm_checks import EPS, TOL, assert_close, dx_scale
+from kernels.rmsnorm import rms_norm
+from norm_checks import EPS, TOL, assert_close, dx_scale, rms_norm_fp64
+from repo import ROOT
 
 
 
@@ -32,8 +33,7 @@ def reference(x, w, k):
     """fp64 RMSNorm with statistics from the first k features, and its gradients by autograd."""
     x64 = x.detach().double().requires_grad_()
     w64 = None if w is None else w.detach().double().requires_grad_()
-    y = x64 * (x64[..., :k].pow(2).mean(-1, keepdim=True) + EPS).rsqrt()
-    return y if w64 is None else y * w64, x64, w64
+    return rms_norm_fp64(x64, w64, k), x64, w64
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
@@ -212,14 +212,65 @@ def test_failed_build_warns_once_and_falls_back(monkeypatch):
     torch.testing.assert_close(y1, y2)
 
 
+@pytest.mark.slow
 def test_a_build_killed_midway_does_not_hang_the_next(ops, tmp_path):
     """torch's builder waits, forever, while a file named "lock" sits in the build folder; one left by
     a killed build must be cleared (a fresh TORCH_EXTENSIONS_DIR: this builds the kernel again, ~10 s)."""
     script = ("import kernels.rmsnorm_cpu as k\n"
               "folder = k.build_directory(); folder.mkdir(parents=True); (folder / 'lock').touch()\n"
               "assert k.cpu_ops() is not None\n")
-    done = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parent.parent,
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT,
                           env={**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path)},
                           capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "built the CPU RMSNorm kernel" in done.stderr
+
+
+@pytest.mark.parametrize("use_kernel", [True, False], ids=["cpu_kernel", "aten"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("stats_features", [None, 5])
+def test_both_paths_match_fp64(monkeypatch, use_kernel, dtype, stats_features):
+    """Both of rms_norm's paths (the C++ kernel, and the ATen formula GPUs use) against fp64,
+    with an fp32 gain on bf16 activations as under autocast."""
+    monkeypatch.setattr(cpu_kernel, "USE_CPU_KERNEL", use_kernel)
+    torch.manual_seed(1)
+    x = (torch.randn(4, 3, 24) * 2 + 0.5).to(dtype).requires_grad_()
+    w = (torch.randn(24) + 1).to(torch.promote_types(dtype, torch.float32)).requires_grad_()
+    dy = torch.randn(4, 3, 24).to(dtype)
+    y = rms_norm(x, w, EPS, stats_features)
+    got = torch.autograd.grad(y, (x, w), dy)
+    ref, x64, w64 = reference(x, w, stats_features or 24)
+    want = torch.autograd.grad(ref, (x64, w64), dy.double())
+    assert y.dtype == dtype
+    assert_close(y, ref, dtype, "y")
+    assert_close(got[0], want[0], dtype, "dx", scale=dx_scale(x, w, dy))
+    assert_close(got[1], want[1], torch.promote_types(dtype, torch.float32), "dg")
+
+
+@pytest.mark.parametrize("use_kernel", [True, False], ids=["cpu_kernel", "aten"])
+def test_both_paths_compile_as_one_graph(monkeypatch, use_kernel):
+    monkeypatch.setattr(cpu_kernel, "USE_CPU_KERNEL", use_kernel)
+    x = torch.randn(8, 32, requires_grad=True)
+    w = torch.randn(32, requires_grad=True)
+    for k in (None, 5):
+        compiled = torch.compile(lambda x, w: rms_norm(x, w, EPS, k), backend="aot_eager", fullgraph=True)
+        got = torch.autograd.grad(compiled(x, w).sum(), (x, w))
+        want = torch.autograd.grad(rms_norm(x, w, EPS, k).sum(), (x, w))
+        for g, r in zip(got, want):
+            torch.testing.assert_close(g, r)
+
+
+@pytest.mark.parametrize("x, weight, stats_features, message", [
+    (torch.randn(2, 16), torch.ones(8), None, r"weight shape \(8,\) must be \(16,\)"),
+    (torch.randn(2, 16), torch.ones(32), None, r"weight shape \(32,\) must be \(16,\)"),
+    (torch.randn(2, 16), torch.ones(2, 16), None, r"weight shape \(2, 16\) must be \(16,\)"),
+    (torch.ones(2, 16, dtype=torch.int32), None, None, "x must be a floating-point tensor, got torch.int32"),
+    (torch.randn(2, 16), torch.ones(16, dtype=torch.int64), None, "weight must be a floating-point tensor"),
+    (torch.randn(2, 16), torch.ones(16, device="meta"), None, "weight is on meta but x is on cpu"),
+    (torch.tensor(1.0), None, None, "0-dim"),
+    (torch.randn(2, 16), None, 17, r"stats_features must be in \[1, 16\], got 17"),
+    (torch.randn(2, 16), None, 0, r"stats_features must be in \[1, 16\], got 0"),
+])
+def test_bad_inputs_are_refused_in_one_line(x, weight, stats_features, message):
+    with pytest.raises(ValueError, match=message):
+        rms_norm(x, weight, EPS, stats_features)

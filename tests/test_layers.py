@@ -1,0 +1,83 @@
+"""The import graph keeps its layers, read from every module's own import statements (the lazy ones
+inside functions too):
+
+    kernels/  standalone ops: imports no other project module
+    config    typed data: imports no project module
+    model/    knows no corpus and no run folder: no data/, checkpoint, runlog or the scripts
+    data/     knows no model: no model/, kernels/, checkpoint, runlog or the scripts
+The training script and the study tools (train, compare, analyze, sample, ...) sit on top.
+"""
+import ast
+
+import pytest
+
+import checkpoint
+from repo import ROOT
+
+PROJECT = {"config", "checkpoint", "runlog", "train", "sample", "compare", "analyze", "plots",
+           "model", "kernels", "data"}
+SCRIPTS = {"train", "sample", "compare", "analyze", "plots"}
+FORBIDDEN = {  # layer -> the project modules it may not import
+    "kernels": PROJECT - {"kernels"},
+    "config": PROJECT - {"config"},
+    "model": {"data", "checkpoint", "runlog"} | SCRIPTS,
+    "data": {"model", "kernels", "checkpoint", "runlog"} | SCRIPTS,
+}
+
+
+def project_imports(source):
+    """{(line, imported project module)} for every import statement in source, at any depth."""
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names = [node.module]
+        else:
+            continue
+        found |= {(node.lineno, n.split(".")[0]) for n in names if n.split(".")[0] in PROJECT}
+    return found
+
+
+def wrong_arrows(module, source):
+    """["module:line imports x"] for each import that points the wrong way; module is dotted."""
+    layer = module.split(".")[0]
+    return [f"{module}:{line} imports {name}" for line, name in sorted(project_imports(source))
+            if name in FORBIDDEN.get(layer, ())]
+
+
+def project_modules():
+    skip = {".venv", "tests", "benchmarks", "cache", "runs", "build"}
+    for path in sorted(ROOT.rglob("*.py")):
+        parts = path.relative_to(ROOT).parts
+        if parts[0] not in skip and not parts[0].startswith("."):
+            yield ".".join(parts)[:-3].removesuffix(".__init__"), path.read_text()
+
+
+def test_the_code_keeps_its_layers():
+    modules = dict(project_modules())
+    assert {"config", "model.norms", "kernels.rmsnorm", "data.prepare"} <= set(modules)
+    problems = [p for name, source in modules.items() for p in wrong_arrows(name, source)]
+    assert not problems, "imports against the layering:\n" + "\n".join(problems)
+
+
+@pytest.mark.parametrize("module, source", [  # the arrows that were wrong before, as they were written
+    ("config", "class Config:\n    def validate(self):\n        from model.norms import resolve_norm_stack\n"),
+    ("kernels.rmsnorm", "def rms_norm(x):\n    from model.norms import rms_norm as reference\n"),
+    ("kernels.rmsnorm", "from config import UserError\n"),
+    ("model.diagnostics", "from data.batches import validation_batches\n"),
+    ("model.diagnostics", "from checkpoint import jsonl_lines_up_to\n"),
+    ("model.gpt", "import train\n"),
+    ("data.prepare", "import model.gpt\n"),
+])
+def test_a_wrong_arrow_is_found(module, source):
+    assert len(wrong_arrows(module, source)) == 1
+
+
+def test_only_checkpoint_py_spells_checkpoint_file_names():
+    names = {checkpoint.WEIGHTS, checkpoint.TRAIN_STATE, checkpoint.META, checkpoint.rng_file(0)}
+    for script in ("train.py", "compare.py", "sample.py", "analyze.py"):
+        strings = {node.value for node in ast.walk(ast.parse((ROOT / script).read_text()))
+                   if isinstance(node, ast.Constant) and isinstance(node.value, str)}
+        assert not strings & names, f"{script} spells {strings & names}: ask checkpoint.py instead"
+        assert not any("rng_rank" in s for s in strings), script
