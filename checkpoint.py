@@ -9,13 +9,21 @@ A checkpoint folder holds
     config.json         the resolved config the weights belong to
     tokenizer.json      the tokenizer, so the folder alone is enough to sample
     meta.json           step, number of processes, tokenizer and corpus hashes
+    manifest.json       size and sha256 of every other file, written last
 It is built in a temporary folder and renamed into place only when complete, so a kill during a
 save leaves the previous checkpoint intact and never a half-written one under a real name.
+
+A checkpoint is checked against its manifest before use (a disk that filled up, a copy that was cut
+short, a file deleted by hand): --resume and sample.py take the newest intact one and say in one line
+which newer ones they skipped and why. Nothing is deleted for it; a resumed run that reaches the step
+of a skipped checkpoint moves that folder aside to corrupt_step_XXXXXXX before saving its own.
 """
+import hashlib
 import json
 import os
 import random
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +33,8 @@ from safetensors.torch import load_file, save_file
 from config import UserError, config_from_json, save_config
 
 WEIGHTS, TRAIN_STATE, CONFIG, TOKENIZER, META = "model.safetensors", "train_state.pt", "config.json", "tokenizer.json", "meta.json"
+MANIFEST = "manifest.json"
+SAMPLE_FILES = (WEIGHTS, CONFIG, TOKENIZER, META)  # what sampling needs; a resume also needs TRAIN_STATE and the RNGs
 WRAPPER_PREFIXES = ("_orig_mod.", "module.")  # added by torch.compile and DDP
 # Keys that change the model's parameters or wiring: a resume may not change them.
 ARCHITECTURE_KEYS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias", "norm", "attn_norm",
@@ -47,8 +57,7 @@ def list_checkpoints(run_dir):
     folder = Path(run_dir) / "checkpoints"
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith("step_")
-                  and (p / WEIGHTS).is_file())
+    return sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith("step_"))
 
 
 def rng_state():
@@ -84,22 +93,101 @@ def save_checkpoint(accelerator, run_dir, step, model, optimizer, batches, count
     accelerator.wait_for_everyone()
     torch.save(rng_state(), tmp / rng_file(accelerator.process_index))
     state_dict = accelerator.get_state_dict(model)  # gathers shards under FSDP; collective call
+    accelerator.wait_for_everyone()  # every process's RNG file is written before the manifest lists them
     if accelerator.is_main_process:
         save_file(clean_state_dict(state_dict), tmp / WEIGHTS)
         torch.save(train_state, tmp / TRAIN_STATE)
         save_config(config, tmp / CONFIG)
         shutil.copyfile(tokenizer_path, tmp / TOKENIZER)
         (tmp / META).write_text(json.dumps({"step": step, "num_processes": accelerator.num_processes, **meta}))
+        manifest = {f.name: {"size": f.stat().st_size, "sha256": file_sha256(f)} for f in sorted(tmp.iterdir())}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         for f in tmp.iterdir():  # flush file contents before the rename makes them "the" checkpoint
             with open(f, "rb+") as fh:
                 os.fsync(fh.fileno())
-        shutil.rmtree(final, ignore_errors=True)
+        if final.exists():  # a checkpoint that a resume skipped as damaged: kept, under another name
+            os.replace(final, unused_name(folder / f"corrupt_{final.name}"))
         os.replace(tmp, final)
         fsync_dir(folder)
         for old in list_checkpoints(run_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def file_sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def unused_name(path):
+    n = 1
+    while path.with_name(f"{path.name}.{n}").exists():
+        n += 1
+    return path.with_name(f"{path.name}.{n}")
+
+
+def checkpoint_problem(folder, for_resume):
+    """Why a checkpoint folder cannot be used (for a resume, or only for sampling), or None if it can.
+    Files are checked against the sizes and hashes in its manifest; a checkpoint saved before
+    manifests existed gets a lighter check (every file present and non-empty, its JSON readable)."""
+    folder = Path(folder)
+    documents = {}
+    for name in (MANIFEST, META, CONFIG):
+        path = folder / name
+        if name == MANIFEST and not path.exists():
+            continue  # saved before manifests existed
+        try:
+            documents[name] = json.loads(path.read_text())
+        except FileNotFoundError:
+            return f"{name} is missing"
+        except (OSError, ValueError):
+            return f"{name} is not readable JSON"
+    manifest, meta = documents.get(MANIFEST), documents[META]
+    if not isinstance(meta, dict) or not isinstance(meta.get("num_processes"), int):
+        return f"{META} does not say how many processes saved it"
+    ranks = range(meta["num_processes"])
+    if manifest is not None and not (isinstance(manifest, dict) and all(
+            isinstance(v, dict) and {"size", "sha256"} <= set(v) for v in manifest.values())):
+        return f"{MANIFEST} is malformed"
+    needed = list(SAMPLE_FILES) + ([TRAIN_STATE] + [rng_file(r) for r in ranks] if for_resume else [])
+    for name in needed:
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        size = path.stat().st_size
+        if manifest is None:
+            if size == 0:
+                return f"{name} is empty"
+        elif name not in manifest:
+            return f"{name} is not in its manifest"
+        elif size != manifest[name]["size"]:
+            return f"{name} has {size} bytes, {manifest[name]['size']} were saved"
+        elif file_sha256(path) != manifest[name]["sha256"]:
+            return f"{name} has changed since it was saved (sha256 differs)"
+    return None
+
+
+def newest_intact_checkpoint(run_dir, for_resume, log):
+    """The newest checkpoint of a run that passes checkpoint_problem; each newer one that does not is
+    reported through log in one line. None when the run has no checkpoint; a UserError (one line
+    naming every problem) when it has checkpoints but none is intact."""
+    checkpoints = list_checkpoints(run_dir)
+    problems = []
+    for folder in reversed(checkpoints):
+        problem = checkpoint_problem(folder, for_resume)
+        if problem is None:
+            for skipped, why in problems:
+                log(f"skipping checkpoint {skipped}: {why}")
+            return folder
+        problems.append((folder, problem))
+    if checkpoints:
+        listed = "; ".join(f"{folder.name}: {why}" for folder, why in problems)
+        raise UserError(f"no intact checkpoint in {str(run_dir)!r} ({listed}); nothing was deleted")
+    return None
 
 
 def load_checkpoint(folder, accelerator, model, optimizer, batches):
@@ -145,23 +233,32 @@ def check_resumable(folder, config, tokenizer_hash, num_processes):
                         f"{meta['num_processes']} (data order and RNG streams are per process)")
 
 
-def find_checkpoint(path):
-    """A checkpoint folder, or the latest complete checkpoint of a run dir."""
+def warn(message):
+    print(message, file=sys.stderr)
+
+
+def find_checkpoint(path, log=warn):
+    """A checkpoint folder (checked), or the newest intact checkpoint of a run dir."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{str(path)!r} does not exist; give a run dir (out_dir of a training run) or a checkpoint folder")
-    if (path / WEIGHTS).is_file() and (path / CONFIG).is_file():
+    if not path.is_dir():
+        raise UserError(f"{str(path)!r} is a file; give a run dir (out_dir of a training run) or a checkpoint folder")
+    if not (path / "checkpoints").is_dir() and any((path / name).exists() for name in (*SAMPLE_FILES, MANIFEST)):
+        problem = checkpoint_problem(path, for_resume=False)
+        if problem:
+            raise UserError(f"checkpoint {str(path)!r} cannot be used: {problem}")
         return path
-    checkpoints = list_checkpoints(path)
-    if not checkpoints:
+    folder = newest_intact_checkpoint(path, for_resume=False, log=log)
+    if folder is None:
         raise UserError(f"{str(path)!r} is not a checkpoint and holds no checkpoints/step_* folders")
-    return checkpoints[-1]
+    return folder
 
 
-def load_model(path, device="cpu"):
+def load_model(path, device="cpu", log=warn):
     """(model, config, checkpoint folder) from a run dir or checkpoint folder, in eval mode."""
     from model import GPT
-    folder = find_checkpoint(path)
+    folder = find_checkpoint(path, log)
     config = config_from_json(folder / CONFIG)
     model = GPT(config)
     load_weights(model, folder / WEIGHTS)

@@ -1,6 +1,9 @@
 """Compare norm variants on validation loss: every (variant, seed) trained by train.train().
 
-    python compare.py configs/compare_default.toml
+    python compare.py configs/compare_default.toml              # every run, one after another
+    python compare.py configs/compare_default.toml --jobs 2     # on 2 local workers (workers.py)
+    python compare.py configs/compare_default.toml --shard 3/25 # only runs k with k % 25 == 3
+    python compare.py configs/compare_default.toml --report     # no training: the report of what is done
 
 A comparison is a TOML file:
 
@@ -22,13 +25,18 @@ fixed, so every variant of one seed sees the same batches in the same order (tes
 Outputs in <out_dir>: results.csv and results.json (one row per run), summary.md (also printed) and
 summary.json, val_loss_vs_step.png, val_loss_vs_time.png, and diagnostics_<variant>.png when the runs
 record diagnostics.
+
+Runs are independent: each holds its run folder's lock while it trains (runlog.run_folder_lock), so a
+second worker, shard or invocation skips a run that is being trained, and a finished run (result.json)
+is never trained again. A shard writes nothing but its runs' folders; `--report` then reads every
+finished run and writes the same outputs as a sequential comparison (only timing columns differ).
 """
+import argparse
 import csv
 import json
 import os
 import platform
 import subprocess
-import sys
 import time
 import traceback
 from dataclasses import dataclass
@@ -39,15 +47,19 @@ from scipy import stats
 
 import plots
 from checkpoint import list_checkpoints
-from config import UserError, apply_overrides, load_config, read_toml, run_main
+from config import UserError, apply_overrides, check_folder, load_config, read_toml, run_main
 from model.norms import check_model_config
-from runlog import read_diagnostics, read_metrics
+from runlog import RunFolderBusy, read_diagnostics, read_metrics, run_folder_lock, run_folder_owner, write_atomic
+from workers import run_in_workers
 
 COMPARISON_KEYS = {"base_config", "base", "out_dir", "seeds", "baseline", "target_val_loss", "variants"}
 RESULT_KEYS = ["variant", "seed", "status", "final_val_loss", "best_val_loss", "final_train_loss", "tokens_per_s",
                "wall_seconds", "time_to_target_s", "steps", "n_params", "corpus_hash", "run_seconds", "load_at_start",
-               "run_dir", "error"]
+               "device", "worker", "run_dir", "error"]
 P_THRESHOLD = 0.05
+# the config keys that decide a run's data cache (data/prepare.py): runs that agree on them share one
+DATA_KEYS = {"data", "hf_config", "hf_split", "hf_text_column", "hf_streaming", "hf_max_documents", "val_fraction",
+             "vocab_size", "cache_dir"}
 
 
 @dataclass
@@ -83,8 +95,9 @@ def load_comparison(path):
     target = spec.get("target_val_loss")
     if not isinstance(target, (int, float)) or isinstance(target, bool):
         raise UserError(f"{path}: target_val_loss must be a number (the val loss whose time-to-reach is reported)")
-    if "out_dir" not in spec or not isinstance(spec["out_dir"], str):
+    if "out_dir" not in spec or not isinstance(spec["out_dir"], str) or not spec["out_dir"].strip():
         raise UserError(f"{path}: out_dir (the comparison folder, a string) is required")
+    check_folder(spec["out_dir"], f"{path}: out_dir")
     base_overrides = spec.get("base", {})
     if not isinstance(base_overrides, dict):
         raise UserError(f"{path}: base must be a table of config overrides, e.g. [base] with max_steps = 300")
@@ -97,12 +110,14 @@ def load_comparison(path):
         for name, overrides in variants.items():
             if not name.replace("_", "").replace("-", "").isalnum():
                 raise UserError(f"{path}: variant name {name!r} must be letters, digits, '-' or '_' (it names a folder)")
-            fixed = sorted({"seed", "out_dir"} & set(overrides))
+            fixed = sorted({"seed", "out_dir", "tracker_project", "tracker_run_name"} & set(overrides))
             if fixed:
                 raise UserError(f"{path}: variant {name!r} sets {', '.join(fixed)}; the comparison sets those per run")
             run_dir = Path(spec["out_dir"]) / "runs" / name / f"seed{seed}"
+            per_run = {"seed": seed, "out_dir": str(run_dir), "tracker_project": path.stem,
+                       "tracker_run_name": f"{name}/seed{seed}"}
             try:
-                config = apply_overrides(base, {**overrides, "seed": seed, "out_dir": str(run_dir)}).validate()
+                config = apply_overrides(base, {**overrides, **per_run}).validate()
                 check_model_config(config)
             except UserError as e:
                 raise UserError(f"{path}: variant {name!r}: {e}") from None
@@ -117,21 +132,40 @@ def time_to_target(metrics, target):
     return None if hit is None else hit["elapsed_s"]
 
 
-def run_one(variant, seed, config, target, log=print):
-    """Train one run unless it is already complete. A failed run comes back as a row with status "failed";
-    only a run folder trained with another config (or Ctrl-C) stops the comparison."""
+def finished_row(variant, seed, config):
+    """The row a finished run saved (its result.json), or None; a run folder trained with another
+    config stops the comparison (its results would be mixed with this one's)."""
+    done = Path(config.out_dir) / "result.json"
+    if not done.exists():
+        return None
+    saved = json.loads(done.read_text())
+    if saved["config"] != config.to_dict():
+        changed = sorted(k for k, v in config.to_dict().items() if saved["config"].get(k) != v)
+        raise UserError(f"{config.out_dir} was trained with a different config ({', '.join(changed)}); "
+                        f"delete it or give the comparison another out_dir")
+    return {"variant": variant, "seed": seed, "run_dir": config.out_dir, "status": "ok", "error": "", **saved["row"]}
+
+
+def run_one(variant, seed, config, target, worker="main", log=print):
+    """Train one run unless it is already complete or another process is training it. A failed run
+    comes back as a row with status "failed"; only a run folder trained with another config (or
+    Ctrl-C) stops the comparison."""
+    row = {"variant": variant, "seed": seed, "run_dir": config.out_dir, "status": "ok", "error": ""}
+    try:
+        with run_folder_lock(config.out_dir):  # held until result.json is written; train() takes it again
+            return _run_locked(row, config, target, worker, log)
+    except RunFolderBusy:
+        log(f"[{variant} seed {seed}] being trained by another process, skipped")
+        return {**row, "status": "running elsewhere", "error": "another worker or shard held its run folder"}
+
+
+def _run_locked(row, config, target, worker, log):
     from train import train  # imported here so that reading a comparison does not load torch's trainer
-    run_dir = Path(config.out_dir)
-    done = run_dir / "result.json"
-    row = {"variant": variant, "seed": seed, "run_dir": str(run_dir), "status": "ok", "error": ""}
-    if done.exists():
-        saved = json.loads(done.read_text())
-        if saved["config"] != config.to_dict():
-            changed = sorted(k for k, v in config.to_dict().items() if saved["config"].get(k) != v)
-            raise UserError(f"{run_dir} was trained with a different config ({', '.join(changed)}); "
-                            f"delete it or give the comparison another out_dir")
+    variant, seed, run_dir = row["variant"], row["seed"], Path(config.out_dir)
+    saved = finished_row(variant, seed, config)
+    if saved is not None:
         log(f"[{variant} seed {seed}] complete, skipped")
-        return {**row, **saved["row"]}
+        return saved
     # An interrupted run (checkpoints, no result.json) is RESUMED: train()'s resume is exact (model,
     # optimizer, batch generator and RNG states restored), so it ends where an uninterrupted run would,
     # without redoing the steps before the checkpoint. Its elapsed_s resumes from the checkpoint too, so
@@ -141,12 +175,12 @@ def run_one(variant, seed, config, target, log=print):
     # the whole run's wall clock (startup and evals included) and the machine's load as it started:
     # on a shared machine the load says how far tokens/s can be trusted (a resumed run: this session only)
     started, row["load_at_start"] = time.time(), round(os.getloadavg()[0], 2)
+    row.update(device=device_name(), worker=worker)
     try:
         result = train(config, resume=resume, log=lambda *a: None)
     except KeyboardInterrupt:
         raise
     except Exception as e:  # a failed run is reported and the others go on
-        run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "error.txt").write_text(traceback.format_exc())
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
         log(f"[{variant} seed {seed}] FAILED: {type(e).__name__}: {message} (traceback in {run_dir / 'error.txt'})")
@@ -156,8 +190,25 @@ def run_one(variant, seed, config, target, log=print):
             "n_params", "corpus_hash"]
     row.update({k: result[k] for k in keys}, time_to_target_s=time_to_target(read_metrics(run_dir), target),
                run_seconds=round(time.time() - started, 1))
-    done.write_text(json.dumps({"row": row, "config": config.to_dict()}, indent=1))
+    write_atomic(run_dir / "result.json", json.dumps({"row": row, "config": config.to_dict()}, indent=1))
     log(f"[{variant} seed {seed}] val loss {row['final_val_loss']:.4f}, {row['tokens_per_s']:,.0f} tokens/s")
+    return row
+
+
+def saved_row(variant, seed, config):
+    """What --report knows of a run without training it: finished, failed, being trained, or missing."""
+    row = finished_row(variant, seed, config)
+    if row is not None:
+        return row
+    run_dir = Path(config.out_dir)
+    row = {"variant": variant, "seed": seed, "run_dir": str(run_dir), "status": "missing", "error": ""}
+    if (run_dir / "error.txt").exists():
+        lines = (run_dir / "error.txt").read_text().strip().splitlines()
+        return {**row, "status": "failed", "error": lines[-1] if lines else "see error.txt"}
+    if run_folder_owner(run_dir) is not None:
+        return {**row, "status": "running elsewhere", "error": f"PID {run_folder_owner(run_dir)} holds its run folder"}
+    if list_checkpoints(run_dir):
+        return {**row, "status": "interrupted", "error": "has checkpoints; run the comparison again to resume it"}
     return row
 
 
@@ -231,14 +282,23 @@ def markdown_table(summary, comparison):
     return "\n".join(lines)
 
 
-def machine():
+def cpu_model():
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=5).stdout
-        model = next(l.split(":", 1)[1].strip() for l in out.splitlines() if l.startswith("Model name"))
+        return next(l.split(":", 1)[1].strip() for l in out.splitlines() if l.startswith("Model name"))
     except (OSError, StopIteration, subprocess.SubprocessError):
-        model = platform.processor() or platform.machine()
+        return platform.processor() or platform.machine()
+
+
+def device_name():
+    """What a run trains on: the GPU's name, or the CPU model."""
     import torch
-    return f"{model}, {os.cpu_count()} CPU threads visible, torch intra-op threads {torch.get_num_threads()}"
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else cpu_model()
+
+
+def machine():
+    import torch
+    return f"{cpu_model()}, {os.cpu_count()} CPU threads visible, torch intra-op threads {torch.get_num_threads()}"
 
 
 def write_outputs(rows, comparison, header):
@@ -280,33 +340,87 @@ def write_outputs(rows, comparison, header):
     return summary
 
 
-def compare(path, log=print):
-    """Run (or finish) a comparison and write its outputs; returns (rows, summary)."""
+def prepare_once(comparison, log):
+    """Build each distinct data cache once, before workers start: they then only open it."""
+    from data.prepare import prepare_data
+    seen = set()
+    for _, _, config in comparison.runs:
+        key = json.dumps({k: v for k, v in config.to_dict().items() if k in DATA_KEYS}, sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            prepare_data(config, log=log)
+
+
+def compare(path, jobs=1, shard=None, report_only=False, log=print):
+    """Run (or finish) a comparison and write its outputs; returns (rows, summary). With a shard
+    (i, n), train only runs k with k % n == i and write nothing outside their run folders (summary None)."""
     comparison = load_comparison(path)
     started = time.time()
     log(f"comparison {comparison.name}: {len(comparison.variants)} variants x {len(comparison.seeds)} seeds "
         f"-> {comparison.out_dir}")
-    rows = [run_one(v, s, c, comparison.target_val_loss, log) for v, s, c in comparison.runs]
+    indices = [k for k in range(len(comparison.runs)) if shard is None or k % shard[1] == shard[0]]
+    tasks = [(k, (*comparison.runs[k], comparison.target_val_loss)) for k in indices]
+    where = "main" if shard is None else f"shard {shard[0]}/{shard[1]}"
+    if report_only:
+        rows = {}
+    elif jobs == 1:
+        rows = {k: run_one(*args, worker=where, log=log) for k, args in tasks}
+    else:
+        prepare_once(comparison, log)
+        rows = run_in_workers(tasks, jobs, run_one, log)
+    if shard is not None:
+        done = sum(rows[k]["status"] == "ok" for k in rows)
+        log(f"shard {shard[0]}/{shard[1]}: {done}/{len(tasks)} runs finished; when every shard is done, "
+            f"`python compare.py {path} --report` writes the summary")
+        return [rows[k] for k in indices], None
+    # every row as its run folder has it: the same summary whichever way the runs were trained
+    rows = [rows.get(k) or saved_row(*comparison.runs[k]) for k in range(len(comparison.runs))]
     threads = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
+    flags = "" if jobs == 1 else f" --jobs {jobs}"
     timed = [r for r in rows if r.get("run_seconds") is not None]
     loads = [r["load_at_start"] for r in timed]
-    header = [f"Command: `{threads}python compare.py {path}`", "", f"Machine: {machine()}.", "",
+    header = [f"Command: `{threads}python compare.py {path}{flags}`" + (" (report of runs trained earlier)" if report_only else ""),
+              "", f"Machine: {machine()}.", "",
               f"Wall time of the {len(timed)} finished runs, startup and evals included: "
               f"{sum(r['run_seconds'] for r in timed):.0f} s"
               + (f"; load average (1 min) at their starts {min(loads):.2f}–{max(loads):.2f}" if loads else "")
               + f". This invocation took {time.time() - started:.0f} s."]
     summary = write_outputs(rows, comparison, header)
     log("\n" + markdown_table(summary, comparison))
-    failed = sum(r["status"] != "ok" for r in rows)
-    log(f"\n{len(rows) - failed}/{len(rows)} runs ok" + (f", {failed} failed (see summary.md)" if failed else "")
-        + f"; outputs in {comparison.out_dir}")
+    failed = [r for r in rows if r["status"] != "ok"]
+    log(f"\n{len(rows) - len(failed)}/{len(rows)} runs ok"
+        + "".join(f"\n  {r['variant']} seed {r['seed']}: {r['status']} {r['error']}".rstrip() for r in failed)
+        + f"\noutputs in {comparison.out_dir}")
     return rows, summary
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # one line through run_main instead of argparse's usage dump
+        raise UserError(f"{message}; usage: python compare.py <comparison.toml> [--jobs N | --shard I/N | --report]")
+
+
+def parse_shard(text):
+    try:
+        i, n = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise UserError(f"--shard {text!r}: expected I/N with integers, e.g. --shard 3/25") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise UserError(f"--shard {text!r}: needs N >= 1 and 0 <= I < N, e.g. --shard 0/25 ... 24/25")
+    return i, n
+
+
 def main():
-    if len(sys.argv) != 2 or sys.argv[1].startswith("-"):
-        raise UserError("usage: python compare.py <comparison.toml>  (see configs/compare_*.toml)")
-    compare(sys.argv[1])
+    p = ArgumentParser(description="Compare norm variants over seeds (see configs/compare_*.toml)")
+    p.add_argument("comparison")
+    p.add_argument("--jobs", type=int, default=1, help="local worker processes (one per GPU, or a share of the cores)")
+    p.add_argument("--shard", help="I/N: train only runs k with k % N == I (job arrays); no summary")
+    p.add_argument("--report", action="store_true", help="no training: summarize the finished runs")
+    args = p.parse_args()
+    if args.jobs < 1:
+        raise UserError(f"--jobs must be >= 1, got {args.jobs}")
+    if sum([args.jobs > 1, args.shard is not None, args.report]) > 1:
+        raise UserError("--jobs, --shard and --report are used one at a time")
+    compare(args.comparison, args.jobs, parse_shard(args.shard) if args.shard else None, args.report)
 
 
 if __name__ == "__main__":

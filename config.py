@@ -14,6 +14,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 
+TRACKERS = ("tensorboard", "wandb", "trackio", "mlflow")  # accelerate's trackers that train.py knows how to name
+
+
 class UserError(Exception):
     """A problem with the user's input: printed as one line, never as a traceback."""
 
@@ -71,6 +74,10 @@ class Config:
     keep_checkpoints: int = 2
     max_bad_steps: int = 5        # stop after this many non-finite (skipped) steps in a row
     diagnostics: bool = False     # per-layer norm statistics at eval steps -> diagnostics.jsonl (model/diagnostics.py)
+    # --- experiment trackers (through accelerate; each is an optional package) ---
+    trackers: str | list = ""     # e.g. ["tensorboard"] or "tensorboard,wandb"; "" = none
+    tracker_project: str = ""     # the trackers' project; "" = the run folder's name (compare.py: the comparison's)
+    tracker_run_name: str = ""    # the run's name in it; "" = the run folder's name (compare.py: "<variant>/seed<seed>")
 
     def validate(self):
         """Checks that need no other module; the norm names and stack are checked by
@@ -83,8 +90,14 @@ class Config:
                 raise UserError(f"{name} must be a positive integer, got {getattr(self, name)}")
         if self.n_embd % self.n_head:
             raise UserError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
-        if self.vocab_size < 257:
-            raise UserError(f"vocab_size must be at least 257 (256 bytes + end-of-document), got {self.vocab_size}")
+        if not 257 <= self.vocab_size <= 2 ** 32:  # tokens are stored as uint16 or uint32
+            raise UserError(f"vocab_size = {self.vocab_size} is out of range; valid: [257, 2**32] "
+                            f"(256 bytes + end-of-document at least; tokens are stored as uint32 at most)")
+        if not 0 <= self.seed < 2 ** 31:  # numpy takes seeds in [0, 2**32); each process adds its rank
+            raise UserError(f"seed = {self.seed} is out of range; valid: [0, 2**31)")
+        for name in ("out_dir", "cache_dir"):
+            if not getattr(self, name).strip():
+                raise UserError(f"{name} is empty; give a folder path, e.g. runs/my_run or cache")
         checks = {
             "dropout": 0.0 <= self.dropout < 1.0, "val_fraction": 0.0 < self.val_fraction < 1.0,
             "prms_fraction": 0.0 < self.prms_fraction <= 1.0, "norm_eps": self.norm_eps > 0,
@@ -93,11 +106,14 @@ class Config:
             "beta1": 0 <= self.beta1 < 1, "beta2": 0 <= self.beta2 < 1, "grad_clip": self.grad_clip >= 0,
             "hf_max_documents": self.hf_max_documents >= 0,
         }
-        ranges = {"dropout": "[0, 1)", "val_fraction": "(0, 1)", "prms_fraction": "(0, 1]",
-                  "min_lr": "[0, learning_rate]", "beta1": "[0, 1)", "beta2": "[0, 1)"}
+        ranges = {"dropout": "[0, 1)", "val_fraction": "(0, 1)", "prms_fraction": "(0, 1]", "norm_eps": "> 0",
+                  "learning_rate": "> 0", "min_lr": "[0, learning_rate]", "beta1": "[0, 1)", "beta2": "[0, 1)"}
         for name, ok in checks.items():
             if not ok:
                 raise UserError(f"{name} = {getattr(self, name)} is out of range; valid: {ranges.get(name, '>= 0')}")
+        for name in self.tracker_names():
+            if name not in TRACKERS:
+                raise UserError(f"trackers: {name!r} is not a tracker; choose from {', '.join(TRACKERS)}")
         choices = {"norm_position": ("pre", "post"), "mixed_precision": ("no", "bf16", "fp16"),
                    "device": ("auto", "cpu")}
         for name, valid in choices.items():
@@ -107,6 +123,10 @@ class Config:
 
     def to_dict(self):
         return dataclasses.asdict(self)
+
+    def tracker_names(self):
+        names = self.trackers.split(",") if isinstance(self.trackers, str) else self.trackers
+        return [str(n).strip() for n in names if str(n).strip()]
 
 
 def _coerce(name, value, expected):
@@ -174,12 +194,25 @@ def parse_cli_overrides(args: list[str]) -> dict:
 def read_toml(path, what="config file", examples="configs/"):
     """A TOML file as a dict; a missing or unreadable file is a one-line UserError."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{what} {str(path)!r} is a folder; give a .toml file in it (see {examples} for examples)")
     if not path.is_file():
         raise UserError(f"{what} {str(path)!r} does not exist; see {examples} for examples")
     try:
         return tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{what} {str(path)!r} is not valid TOML: {e}") from None
+
+
+def check_folder(path, what):
+    """A UserError unless `path` is a folder or can be made one: neither it nor any folder above it
+    may be an existing regular file."""
+    path = Path(path)
+    for part in (path, *path.parents):
+        if part.exists() and not part.is_dir():
+            where = "is a file" if part == path else f"is under {str(part)!r}, which is a file"
+            raise UserError(f"{what} {str(path)!r} {where}; give a folder path")
+    return path
 
 
 def load_config(path: str | Path | None, overrides: list[str] | dict = ()) -> Config:
@@ -201,7 +234,13 @@ def save_config(config: Config, path: Path):
 
 
 def config_from_json(path: Path) -> Config:
-    return apply_overrides(Config(), json.loads(Path(path).read_text())).validate()
+    try:
+        values = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read config {str(path)!r}: {type(e).__name__}: {e}") from None
+    if not isinstance(values, dict):
+        raise UserError(f"config {str(path)!r} is not a JSON object of config keys")
+    return apply_overrides(Config(), values).validate()
 
 
 def run_main(main):

@@ -1,5 +1,6 @@
 """The files of a run folder beside its checkpoints (checkpoint.py owns those):
 
+    run.lock           held (flock) by the process that trains the run; holds its PID
     config.json        the resolved config
     tokenizer.json     the tokenizer the run's tokens come from
     metrics.jsonl      one line per log step: losses, lr, tokens, time
@@ -8,12 +9,22 @@
 The logs are appended a line at a time while training. A resume cuts them back to its checkpoint's
 step by writing the kept lines to a new file and renaming it over the old one, so at every instant
 either the old or the new log is complete (a kill during the rewrite loses nothing).
+
+A run folder has one owner: train() holds an OS lock (flock) on run.lock for the whole run, so a
+second process on the same folder stops with one line naming the owner's PID. The OS releases the
+lock when its process dies, so a killed run never leaves a stale lock behind.
 """
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
-from config import save_config
+from config import UserError, save_config
+
+try:
+    import fcntl  # POSIX only; elsewhere run folders are not locked
+except ImportError:
+    fcntl = None
 
 METRICS, DIAGNOSTICS = "metrics.jsonl", "diagnostics.jsonl"
 
@@ -40,6 +51,67 @@ def jsonl_lines_up_to(path, step):
         except (json.JSONDecodeError, KeyError, TypeError):
             pass
     return kept
+
+
+class RunFolderBusy(UserError):
+    """Another process holds the run folder."""
+
+
+_held = {}  # resolved run folder -> [open lock file, depth]: the locks this process holds
+
+
+@contextmanager
+def run_folder_lock(run_dir, check=None):
+    """Own run_dir while the block runs; RunFolderBusy if another process owns it. check(), if given,
+    runs once the lock is held, before this process writes its PID: a start it refuses leaves
+    run.lock as it was. Re-entrant in one process (compare.py holds a run's lock around train(),
+    which takes it again)."""
+    run_dir = Path(run_dir)
+    key = run_dir.resolve()
+    if key in _held:
+        _held[key][1] += 1
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        handle = open(run_dir / "run.lock", "a+")
+        try:
+            if fcntl is not None:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if check is not None:
+                check()
+        except BlockingIOError:
+            handle.seek(0)
+            owner = handle.read().strip() or "unknown"
+            handle.close()
+            raise RunFolderBusy(f"{str(run_dir)!r} is in use by another process (PID {owner}); "
+                                f"wait for it to finish or choose another out_dir") from None
+        except BaseException:
+            handle.close()
+            raise
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        _held[key] = [handle, 1]
+    try:
+        yield
+    finally:
+        _held[key][1] -= 1
+        if _held[key][1] == 0:
+            _held.pop(key)[0].close()  # closing the file releases the flock
+
+
+def run_folder_owner(run_dir):
+    """The PID written by the process that holds run_dir's lock now, or None if nobody holds it
+    (asked without taking the lock for more than a moment, and without writing anything)."""
+    path = Path(run_dir) / "run.lock"
+    if fcntl is None or not path.exists() or Path(run_dir).resolve() in _held:
+        return None
+    with open(path) as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return handle.read().strip() or "unknown"
+    return None
 
 
 class RunLog:

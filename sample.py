@@ -42,7 +42,22 @@ def parse_args(argv=None):
     for ok, message in checks:
         if not ok:
             raise UserError(message)
+    check_device(args.device)
     return args
+
+
+def check_device(name):
+    """A UserError unless torch knows the device and this machine has it."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r} is not a device name; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name!r}: no CUDA GPU is available on this machine; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"--device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {name!r} is not supported here; use cpu or cuda")
 
 
 def read_prompt(args):
@@ -52,6 +67,10 @@ def read_prompt(args):
         return Path(args.prompt_file).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise UserError(f"prompt file {args.prompt_file!r} does not exist") from None
+    except IsADirectoryError:
+        raise UserError(f"prompt file {args.prompt_file!r} is a folder; give a text file") from None
+    except PermissionError:
+        raise UserError(f"prompt file {args.prompt_file!r} cannot be read (permission denied)") from None
     except UnicodeDecodeError:
         raise UserError(f"prompt file {args.prompt_file!r} is not UTF-8 text") from None
 
@@ -77,8 +96,9 @@ def generate_samples(args, out=None):
     model, config, folder = load_model(args.run, args.device)
     tokenizer_file = Path(args.tokenizer or folder / TOKENIZER)
     if not tokenizer_file.is_file():
-        raise UserError(f"tokenizer {str(tokenizer_file)!r} does not exist")
-    if file_sha256(tokenizer_file) != read_meta(folder)["tokenizer_hash"]:
+        raise UserError(f"tokenizer {str(tokenizer_file)!r} {'is a folder' if tokenizer_file.is_dir() else 'does not exist'}; "
+                        f"give a tokenizer.json file")
+    if file_sha256(tokenizer_file) != read_meta(folder).get("tokenizer_hash"):
         raise UserError(f"tokenizer {str(tokenizer_file)!r} is not the one checkpoint {str(folder)!r} was trained with")
     tokenizer = Tokenizer.from_file(str(tokenizer_file))
     prompt = read_prompt(args)

@@ -10,21 +10,24 @@ import os
 import random
 import sys
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
+from accelerate.utils import (broadcast_object_list, is_mlflow_available, is_tensorboard_available,
+                               is_trackio_available, is_wandb_available)
 from tqdm import tqdm
 
-from checkpoint import check_resumable, list_checkpoints, load_checkpoint, save_checkpoint
-from config import UserError, load_config, run_main
+from checkpoint import check_resumable, list_checkpoints, load_checkpoint, newest_intact_checkpoint, save_checkpoint
+from config import UserError, check_folder, load_config, run_main
 from data.batches import TrainBatches, validation_batches
 from data.prepare import check_data_size, prepare_data
 from model import GPT, check_model_config
 from model.diagnostics import Diagnostics
-from runlog import RunLog
+from runlog import RunLog, run_folder_lock
 
 
 def learning_rate(step, config):
@@ -59,20 +62,75 @@ class TrainingDiverged(UserError):
     """Too many non-finite steps in a row; the last good checkpoint is kept."""
 
 
+TRACKER_PACKAGES = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available,
+                    "trackio": is_trackio_available, "mlflow": is_mlflow_available}
+
+
 def make_accelerator(config):
+    for name in config.tracker_names():  # accelerate would drop a missing tracker with a warning only
+        if not TRACKER_PACKAGES[name]():
+            raise UserError(f"tracker {name!r} is not installed here; pip install {name}, or leave it out of trackers")
     # accelerate sets up multi-process CPU training (gloo) only when told cpu=True
     several_processes = int(os.environ.get("WORLD_SIZE", "1")) > 1
     use_cpu = config.device == "cpu" or (several_processes and not torch.cuda.is_available())
     return Accelerator(mixed_precision=config.mixed_precision, cpu=use_cpu,
-                       gradient_accumulation_steps=config.grad_accum)
+                       gradient_accumulation_steps=config.grad_accum,
+                       log_with=config.tracker_names() or None,
+                       project_dir=config.out_dir if config.tracker_names() else None)
+
+
+def start_trackers(accelerator, config, step):
+    """Trackers named as the config says; a resume drops what a tracker logged after its checkpoint."""
+    name = config.tracker_run_name or Path(config.out_dir).name
+    hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in config.to_dict().items()}
+    accelerator.init_trackers(config.tracker_project or Path(config.out_dir).name, config=hparams, init_kwargs={
+        "tensorboard": {"purge_step": step} if step else {}, "wandb": {"name": name}, "trackio": {"name": name},
+        "mlflow": {"run_name": name}})
+
+
+def tracker_scalars(entry, diagnostics=None):
+    """A metrics.jsonl line (and a diagnostics line) as flat tracker scalars, e.g. val/loss."""
+    names = {"train_loss": "train/loss", "val_loss": "val/loss", "lr": "train/lr", "tokens_per_s": "train/tokens_per_s",
+             "skipped_steps": "train/skipped_steps", "tokens_seen": "train/tokens_seen"}
+    scalars = {names[k]: v for k, v in entry.items() if k in names and v is not None}
+    for key, values in (diagnostics or {}).items():
+        if isinstance(values, list) and key != "sites":
+            labels = diagnostics["sites"] if len(values) == len(diagnostics["sites"]) else [f"block{i}" for i in range(len(values))]
+            scalars.update({f"diagnostics/{key}/{label}": v for label, v in zip(labels, values) if v is not None})
+    return scalars
+
+
+def decided_on_main(accelerator, decide):
+    """decide() run by the main process only; its result, or its UserError, reaches every process."""
+    outcome = (None, None)
+    if accelerator.is_main_process:
+        try:
+            outcome = (decide(), None)
+        except UserError as e:
+            outcome = (None, e)
+    if accelerator.num_processes > 1:
+        outcome = broadcast_object_list([outcome])[0]
+    value, error = outcome
+    if error is not None:
+        raise error
+    return value
 
 
 def train(config, resume=False, log=None):
     """Train (or resume) the run in config.out_dir; returns a summary dict of the run."""
     check_model_config(config)  # a bad norm stack fails here, before any data is prepared
+    check_folder(config.out_dir, "out_dir")
+    check_folder(config.cache_dir, "cache_dir")
+    if resume and not Path(config.out_dir).is_dir():
+        raise UserError(f"--resume: {config.out_dir!r} does not exist; give the out_dir of the run to continue")
     accelerator = make_accelerator(config)
     try:
-        return _train(config, resume, log or accelerator.print, accelerator)
+        with ExitStack() as owned:
+            # the run folder belongs to this launch until it ends: the main process holds its lock
+            # (a new run needs a folder without checkpoints, a resume one with checkpoints)
+            take = run_folder_lock(config.out_dir, check=lambda: check_run_folder(config.out_dir, resume))
+            decided_on_main(accelerator, lambda: owned.enter_context(take))
+            return _train(config, resume, log or accelerator.print, accelerator)
     finally:
         accelerator.end_training()  # without it, torchrun aborted some multi-process runs at exit
         # accelerate's settings are process-wide singletons: clear them so that the next train() in
@@ -81,21 +139,26 @@ def train(config, resume=False, log=None):
         GradientState._reset_state()
 
 
-def _train(config, resume, log, accelerator):
-    run_dir = Path(config.out_dir)
+def check_run_folder(run_dir, resume):
+    """A new run needs a folder without checkpoints; a resume needs one with checkpoints."""
     checkpoints = list_checkpoints(run_dir)
     if resume and not checkpoints:
         raise UserError(f"--resume: {str(run_dir)!r} has no checkpoint to resume from")
     if not resume and checkpoints:
         raise UserError(f"{str(run_dir)!r} already holds a run; pass --resume to continue it or choose another out_dir")
+
+
+def _train(config, resume, log, accelerator):
+    run_dir = Path(config.out_dir)
     seed_everything(config.seed + accelerator.process_index)  # distinct dropout masks per process
 
     with accelerator.main_process_first():  # one process builds the data cache, the rest reuse it
         data = prepare_data(config, log=log)
     check_data_size(data, config.block_size)
     train_tokens, val_tokens = data.tokens("train"), data.tokens("val")
-    if resume:
-        check_resumable(checkpoints[-1], config, data.tokenizer_hash, accelerator.num_processes)
+    if resume:  # the newest checkpoint that passes its manifest's checks; newer damaged ones are named
+        start = Path(decided_on_main(accelerator, lambda: str(newest_intact_checkpoint(run_dir, True, log))))
+        check_resumable(start, config, data.tokenizer_hash, accelerator.num_processes)
 
     model = GPT(config)
     log(model.describe_norms())
@@ -112,8 +175,8 @@ def _train(config, resume, log, accelerator):
              "skipped_steps": 0, "bad_steps_in_row": 0}
 
     if resume:
-        state = load_checkpoint(checkpoints[-1], accelerator, model, optimizer, batches)
-        log(f"resumed from {checkpoints[-1]} at step {state['step']}")
+        state = load_checkpoint(start, accelerator, model, optimizer, batches)
+        log(f"resumed from {start} at step {state['step']}")
 
     runlog = RunLog(run_dir) if accelerator.is_main_process else None
     if runlog is not None:
@@ -126,11 +189,18 @@ def _train(config, resume, log, accelerator):
                                        device=accelerator.device))
         diagnostics = Diagnostics(accelerator.unwrap_model(model), optimizer, x)
 
+    if config.tracker_names():
+        start_trackers(accelerator, config, state["step"])
+
     def record(**entry):
         if runlog is not None:
             runlog.metrics(entry)
+            measured = None
             if diagnostics is not None and entry["val_loss"] is not None:
-                runlog.diagnostics(diagnostics.measure(entry["step"]))
+                measured = diagnostics.measure(entry["step"])
+                runlog.diagnostics(measured)
+            if config.tracker_names():
+                accelerator.log(tracker_scalars(entry, measured), step=entry["step"])
 
     def checkpoint():
         meta = {"tokenizer_hash": data.tokenizer_hash, "corpus_hash": data.corpus_hash}

@@ -4,8 +4,14 @@ process at a chosen moment; the production code has no test hooks.
     TEST_STEP_DELAY=0.05          sleep this long before every training batch
     TEST_HANG_SAVE_AT_STEP=20     hang inside the save of step 20, after every file is written
                                   and before the rename that would publish the checkpoint
+    TEST_KILL_IN_REWRITE=metrics  the first time a file whose name contains "metrics" is opened for
+                                  writing from its start ("w"), write half of what is written to it,
+                                  then SIGKILL this process: a kill in the middle of a log rewrite
 """
+import builtins
+import io
 import os
+import signal
 import sys
 import time
 
@@ -37,6 +43,37 @@ if hang_step:
         return original_replace(src, dst, *args, **kwargs)
 
     checkpoint.os.replace = hanging_replace
+
+kill_in_rewrite = os.environ.get("TEST_KILL_IN_REWRITE")
+if kill_in_rewrite:
+    real_open = io.open
+
+    class DieHalfway:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, text):
+            self.f.write(text[:len(text) // 2])
+            self.f.flush()
+            os.fsync(self.f.fileno())
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+    def dying_open(file, mode="r", *args, **kwargs):
+        f = real_open(file, mode, *args, **kwargs)
+        if "w" in mode and kill_in_rewrite in os.path.basename(str(file)):
+            return DieHalfway(f)
+        return f
+
+    io.open = builtins.open = dying_open  # pathlib's write_text opens through io.open
 
 if __name__ == "__main__":
     sys.argv = ["train.py"] + sys.argv[1:]

@@ -1,5 +1,6 @@
 """Bad input, table-driven: each case is one line on stderr naming the problem, exit status 2, no
 traceback, and nothing that was saved is touched. Runs the real entry points in-process."""
+import shutil
 import sys
 from pathlib import Path
 
@@ -44,18 +45,36 @@ TRAIN_CASES = [
     (["--data={empty}"], "are empty"),
     (["--data={latin1}"], "is not UTF-8 text"),
     (["--data={small}"], "fewer than one context window"),
-    (["--resume"], "has no checkpoint to resume from"),
+    (["--resume"], "--resume: '{tmp}/run' does not exist"),
+    # paths that are files where folders are expected, empty strings, out-of-range numbers
+    (["--cache_dir={small}"], "cache_dir '{small}' is a file; give a folder path"),
+    (["--out_dir={small}"], "out_dir '{small}' is a file; give a folder path"),
+    (["--out_dir={small}/run"], "out_dir '{small}/run' is under '{small}', which is a file; give a folder path"),
+    (["--out_dir="], "out_dir is empty; give a folder path"),
+    (["--cache_dir= "], "cache_dir is empty; give a folder path"),
+    (["--learning_rate=0"], "learning_rate = 0.0 is out of range; valid: > 0"),
+    (["--norm_eps=0"], "norm_eps = 0.0 is out of range; valid: > 0"),
+    (["--seed=-1"], "seed = -1 is out of range; valid: [0, 2**31)"),
+    (["--seed=4294967296"], "seed = 4294967296 is out of range"),
+    (["--vocab_size=99999999999"], "vocab_size = 99999999999 is out of range; valid: [257, 2**32]"),
 ]
 
 
 @pytest.mark.parametrize("overrides, message", TRAIN_CASES)
 def test_train_rejects_bad_input_in_one_line(overrides, message, tmp_path, shared_cache, capsys, monkeypatch):
     fill = {"tmp": tmp_path, **{k: data_file(tmp_path, k) for k in ("empty", "latin1", "small") if any(k in o for o in overrides)}}
+    if "{small}" in message:
+        fill["small"] = data_file(tmp_path, "small")
     overrides = [o.format(**fill) for o in overrides]
     argv = ["configs/tiny.toml", f"--out_dir={tmp_path / 'run'}", f"--cache_dir={shared_cache}", *overrides]
     code, err = run_entry_point(train, argv, capsys, monkeypatch)
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
-    assert message in err and "Traceback" not in err
+    assert message.format(**fill) in err and "Traceback" not in err
+
+
+def test_a_config_path_that_is_a_folder_is_one_line(capsys, monkeypatch):
+    code, err = run_entry_point(train, ["configs"], capsys, monkeypatch)
+    assert code == 2 and err == "error: config file 'configs' is a folder; give a .toml file in it (see configs/ for examples)\n"
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +111,14 @@ SAMPLE_CASES = [
     (["{run}", "--top_k", "x"], "argument --top_k: invalid int value: 'x'"),
     (["{run}", "--prompt_file", "{tmp}/nope.txt"], "prompt file '{tmp}/nope.txt' does not exist"),
     (["{broken}"], "cannot read weights"),
+    (["{run}", "--prompt_file", "{tmp}"], "prompt file '{tmp}' is a folder; give a text file"),
+    (["{run}", "--tokenizer", "{tmp}"], "tokenizer '{tmp}' is a folder; give a tokenizer.json file"),
+    (["{run}", "--device", "gpu"], "--device 'gpu' is not a device name; use cpu, cuda or cuda:N"),
+    (["{run}", "--device", "cuda:99"], "--device 'cuda:99'"),
+    (["{no_meta}"], "no intact checkpoint in '{no_meta}' (step_0000010: meta.json is missing); nothing was deleted"),
+    (["{bad_config}"], "step_0000010: config.json is not readable JSON"),
+    (["{no_meta}/checkpoints/step_0000010"], "checkpoint '{no_meta}/checkpoints/step_0000010' cannot be used: meta.json is missing"),
+    (["{run}/metrics.jsonl"], "is a file; give a run dir"),
 ]
 
 
@@ -105,9 +132,22 @@ def test_sample_rejects_bad_input_in_one_line(argv, message, finished_run, tmp_p
     for name in ("config.json", "meta.json", "tokenizer.json"):
         (broken / name).write_bytes((finished_run / "checkpoints" / "step_0000010" / name).read_bytes())
     (broken / "model.safetensors").write_bytes(b"not a safetensors file")
-    fill = {"tmp": tmp_path, "run": finished_run, "other_tokenizer": other, "broken": broken}
+    damaged = {}
+    for name, file, text in (("no_meta", "meta.json", None), ("bad_config", "config.json", "{garbage")):
+        damaged[name] = tmp_path / name
+        shutil.copytree(finished_run, damaged[name])
+        for folder in (damaged[name] / "checkpoints").iterdir():
+            (folder / file).unlink() if text is None else (folder / file).write_text(text)
+    fill = {"tmp": tmp_path, "run": finished_run, "other_tokenizer": other, "broken": broken, **damaged}
     before = snapshot(finished_run)
     code, err = run_entry_point(sample, [a.format(**fill) for a in argv], capsys, monkeypatch)
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
     assert message.format(**fill) in err and "Traceback" not in err
     assert snapshot(finished_run) == before
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
+def test_sample_on_cuda_without_a_gpu_is_one_line(finished_run, capsys, monkeypatch):
+    code, err = run_entry_point(sample, [str(finished_run), "--device", "cuda"], capsys, monkeypatch)
+    assert code == 2 and err == "error: --device 'cuda': no CUDA GPU is available on this machine; use --device cpu\n"

@@ -3,6 +3,7 @@ files, restart, a failing variant, bad configs; and analyze.py's probe on one of
 import csv
 import hashlib
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -181,11 +182,14 @@ def test_a_failing_variant_is_reported_and_the_others_complete(tmp_path, shared_
     ('seeds = [1]\nout_dir = "x"\ntarget_val_loss = 5\n[variants.a]\nseed = 3\n', "sets seed"),
     ('seeds = [1]\nout_dir = "x"\n[variants.a]\n', "target_val_loss"),
     ('seed = [1]\n', "unknown key"),
+    ('seeds = [1]\nout_dir = "{tmp}/bad.toml"\ntarget_val_loss = 5\n[variants.a]\n', "out_dir '{tmp}/bad.toml' is a file"),
+    ('seeds = [1]\nout_dir = ""\ntarget_val_loss = 5\n[variants.a]\n', "out_dir (the comparison folder, a string) is required"),
 ])
 def test_bad_comparison_configs_are_one_line_errors(tmp_path, body, message):
     path = tmp_path / "bad.toml"
-    path.write_text(body)
-    with pytest.raises(UserError, match=message.replace("[", r"\[")) as e:
+    path.write_text(body.format(tmp=tmp_path))
+    message = message.format(tmp=tmp_path)
+    with pytest.raises(UserError, match=re.escape(message)) as e:
         compare.load_comparison(path)
     assert "\n" not in str(e.value)
 

@@ -72,14 +72,18 @@ def reference(tmp_path_factory, shared_cache):
     return config, metrics(config.out_dir)
 
 
-def test_kill_9_mid_training_then_resume_is_exact(reference, tmp_path):
-    ref_config, ref_metrics = reference
-    config = dataclasses.replace(ref_config, out_dir=str(tmp_path / "killed"))
+def kill_after_checkpoint_10(config):
+    """Start the run and SIGKILL it after step 10 was saved and step 15 logged."""
     proc = start_slow_run(config, TEST_STEP_DELAY=0.05)
-    # kill between checkpoints: after step 10 was saved and step 15 was logged
     wait_for(lambda: any(r["step"] >= 15 for r in metrics(config.out_dir)) if list_checkpoints(config.out_dir) else False, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+
+
+def test_kill_9_mid_training_then_resume_is_exact(reference, tmp_path):
+    ref_config, ref_metrics = reference
+    config = dataclasses.replace(ref_config, out_dir=str(tmp_path / "killed"))
+    kill_after_checkpoint_10(config)  # between checkpoints
     assert [p.name for p in list_checkpoints(config.out_dir)] == ["step_0000010"]
     with open(Path(config.out_dir) / "metrics.jsonl", "a") as f:
         f.write('{"step": 16, "train_lo')  # as if the kill had torn a line in half
@@ -103,11 +107,100 @@ def test_kill_9_inside_a_save_keeps_the_previous_checkpoint(reference, tmp_path)
     assert_same_metrics(ref_metrics, metrics(config.out_dir))
 
 
+def test_kill_9_inside_the_log_rewrite_of_a_resume_loses_no_history(reference, tmp_path):
+    """A resume cuts metrics.jsonl back to its checkpoint; killed halfway through writing the cut
+    version, the log must still hold every line (the old version), and the next resume is exact."""
+    ref_config, ref_metrics = reference
+    config = dataclasses.replace(ref_config, out_dir=str(tmp_path / "killed_twice"))
+    kill_after_checkpoint_10(config)
+    history = metrics(config.out_dir)
+    proc = subprocess.Popen([sys.executable, "tests/slow_train.py", *run_args(config), "--resume"], cwd=ROOT,
+                            env={**os.environ, "TEST_KILL_IN_REWRITE": "metrics"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    assert proc.wait(timeout=300) == -signal.SIGKILL, proc.stderr.read()[-2000:]
+    assert metrics(config.out_dir) == history  # every line is still there
+    train(config, resume=True, log=lambda *_: None)
+    assert_same_metrics(ref_metrics, metrics(config.out_dir))
+
+
+def test_a_second_process_on_the_same_run_folder_is_refused(reference, tmp_path):
+    ref_config, ref_metrics = reference
+    config = dataclasses.replace(ref_config, out_dir=str(tmp_path / "shared"))
+    first = start_slow_run(config, TEST_STEP_DELAY=0.05)
+    lock = Path(config.out_dir) / "run.lock"
+    wait_for(lambda: lock.exists() and lock.read_text().strip() == str(first.pid), first)
+    for resume in (False, True):  # a new run on the same folder, and a resume of it
+        second = subprocess.run([sys.executable, "train.py", *run_args(config), *(["--resume"] if resume else [])],
+                                cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert second.returncode == 2, second.stderr[-2000:]
+        assert second.stderr.strip().splitlines() == [
+            f"error: {str(config.out_dir)!r} is in use by another process (PID {first.pid}); "
+            f"wait for it to finish or choose another out_dir"]
+    assert first.wait(timeout=300) == 0, first.stderr.read()[-2000:]
+    assert_same_metrics(ref_metrics, metrics(config.out_dir))  # the first run, untouched by the second
+
+
+DAMAGE = {
+    "train_state missing": lambda f: (f / "train_state.pt").unlink(),
+    "train_state truncated": lambda f: (f / "train_state.pt").write_bytes((f / "train_state.pt").read_bytes()[:100]),
+    "rng missing": lambda f: (f / "rng_rank0.pt").unlink(),
+    "rng truncated": lambda f: (f / "rng_rank0.pt").write_bytes(b""),
+    "meta empty": lambda f: (f / "meta.json").write_text(""),
+    "config garbage": lambda f: (f / "config.json").write_text("{not json"),
+    "weights changed": lambda f: (f / "model.safetensors").write_bytes(
+        (f / "model.safetensors").read_bytes()[:-4] + b"\0\0\0\0"),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_a_damaged_latest_checkpoint_is_skipped_and_kept(reference, tmp_path, damage):
+    ref_config, ref_metrics = reference
+    config = dataclasses.replace(ref_config, out_dir=str(tmp_path / "damaged"))
+    shutil.copytree(ref_config.out_dir, config.out_dir)
+    latest = Path(config.out_dir) / "checkpoints" / "step_0000030"
+    DAMAGE[damage](latest)
+    damaged_files = {p.name: p.read_bytes() for p in latest.iterdir()}
+    lines = []
+    # sampling takes the newest intact checkpoint, and names the one it skipped
+    if damage not in ("train_state missing", "train_state truncated", "rng missing", "rng truncated"):
+        _, _, folder = load_model(config.out_dir, log=lines.append)
+        assert folder.name == "step_0000020" and len(lines) == 1 and "skipping checkpoint" in lines[0]
+    else:  # what sampling needs is intact
+        assert load_model(config.out_dir, log=lines.append)[2].name == "step_0000030" and not lines
+    # a resume starts from step 20, retraces the reference run exactly, and keeps the damaged folder
+    lines.clear()
+    train(config, resume=True, log=lines.append)
+    skipped = [l for l in lines if l.startswith("skipping checkpoint")]
+    assert len(skipped) == 1 and "step_0000030" in skipped[0], lines
+    assert_same_metrics(ref_metrics, metrics(config.out_dir))
+    kept = Path(config.out_dir) / "checkpoints" / "corrupt_step_0000030.1"
+    assert {p.name: p.read_bytes() for p in kept.iterdir()} == damaged_files
+    assert [p.name for p in list_checkpoints(config.out_dir)] == ["step_0000020", "step_0000030"]
+
+
+def test_no_intact_checkpoint_is_one_line_and_deletes_nothing(reference, tmp_path):
+    ref_config, _ = reference
+    config = dataclasses.replace(ref_config, out_dir=str(tmp_path / "all_damaged"))
+    shutil.copytree(ref_config.out_dir, config.out_dir)
+    for folder in list_checkpoints(config.out_dir):
+        (folder / "meta.json").write_text("")
+    before = {p: p.read_bytes() for p in Path(config.out_dir).rglob("*") if p.is_file()}
+    with pytest.raises(UserError, match=r"no intact checkpoint in .*step_0000030: meta.json is not readable JSON; step_0000020: .*; nothing was deleted"):
+        train(config, resume=True, log=lambda *_: None)
+    with pytest.raises(UserError, match="no intact checkpoint"):
+        load_model(config.out_dir, log=lambda *_: None)
+    after = {p: p.read_bytes() for p in Path(config.out_dir).rglob("*") if p.is_file() and p.name != "run.lock"}
+    assert after == {p: b for p, b in before.items() if p.name != "run.lock"}
+
+
 def test_checkpoint_holds_everything_a_resume_needs(reference):
     config, _ = reference
     folder = list_checkpoints(config.out_dir)[-1]
     assert sorted(p.name for p in folder.iterdir()) == [
-        "config.json", "meta.json", "model.safetensors", "rng_rank0.pt", "tokenizer.json", "train_state.pt"]
+        "config.json", "manifest.json", "meta.json", "model.safetensors", "rng_rank0.pt", "tokenizer.json", "train_state.pt"]
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert sorted(manifest) == sorted(p.name for p in folder.iterdir() if p.name != "manifest.json")
+    assert manifest["meta.json"]["size"] == (folder / "meta.json").stat().st_size
     state = torch.load(folder / "train_state.pt", weights_only=False)
     assert {"optimizer", "batches", "counters", "scaler"} <= set(state) and state["counters"]["step"] == 30
     assert state["optimizer"]["state"]  # AdamW moments are there
