@@ -44,9 +44,9 @@ def run_args(config):
             f"--dropout={config.dropout}", f"--max_steps={config.max_steps}", f"--eval_interval={config.eval_interval}"]
 
 
-def start_slow_run(config, **env):
+def start_slow_run(config, *extra_args, **env):
     env = {**os.environ, **{k: str(v) for k, v in env.items()}}
-    return subprocess.Popen([sys.executable, "tests/slow_train.py", *run_args(config)], cwd=ROOT, env=env,
+    return subprocess.Popen([sys.executable, "tests/slow_train.py", *run_args(config), *extra_args], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
@@ -114,9 +114,7 @@ def test_kill_9_inside_the_log_rewrite_of_a_resume_loses_no_history(reference, t
     config = dataclasses.replace(ref_config, out_dir=str(tmp_path / "killed_twice"))
     kill_after_checkpoint_10(config)
     history = metrics(config.out_dir)
-    proc = subprocess.Popen([sys.executable, "tests/slow_train.py", *run_args(config), "--resume"], cwd=ROOT,
-                            env={**os.environ, "TEST_KILL_IN_REWRITE": "metrics"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = start_slow_run(config, "--resume", TEST_KILL_IN_REWRITE="metrics")
     assert proc.wait(timeout=300) == -signal.SIGKILL, proc.stderr.read()[-2000:]
     assert metrics(config.out_dir) == history  # every line is still there
     train(config, resume=True, log=lambda *_: None)

@@ -79,8 +79,12 @@ def test_resume_continues_to_a_longer_schedule(tiny_config):
 
 
 def test_resume_without_checkpoint_is_an_error(tiny_config):
+    config = tiny_config()
+    with pytest.raises(UserError, match="does not exist; give the out_dir of the run to continue"):
+        train(config, resume=True, log=lambda *_: None)
+    Path(config.out_dir).mkdir(parents=True)
     with pytest.raises(UserError, match="has no checkpoint to resume from"):
-        train(tiny_config(), resume=True, log=lambda *_: None)
+        train(config, resume=True, log=lambda *_: None)
 
 
 def test_mixed_stack_trains_and_logs_its_stack(tiny_config):
