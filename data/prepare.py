@@ -130,8 +130,9 @@ def prepare_data(config, log=print, build=True):
     if prepared is None:
         folder.parent.mkdir(parents=True, exist_ok=True)
         with file_lock(folder.with_name(folder.name + ".lock"), log, f"prepare {folder}"):
-            prepared = read_prepared(folder) or build_cache(config, folder, recipe, log)
-            return prepared
+            prepared = read_prepared(folder)  # another process may have built it meanwhile
+            if prepared is None:
+                return build_cache(config, folder, recipe, log)
     log(f"data: {config.data} (corpus {prepared.corpus_hash[:12]}) from cache {folder}")
     return prepared
 
