@@ -232,7 +232,7 @@ def write_cache(config, tmp, mode, total_bytes, log):
             for i, (out, tokens) in enumerate(zip((train_file, val_file), arrays)):
                 tokens.tofile(out)
                 n_tokens[i] += len(tokens)
-            counts += np.bincount(arrays[0], minlength=config.vocab_size)[:config.vocab_size]
+            counts += np.bincount(arrays[0], minlength=config.vocab_size)
             n_docs[0] += n_train
             n_docs[1] += n_val
             n_bytes += size
