@@ -25,7 +25,7 @@ from tqdm import tqdm
 from config import UserError
 from data.corpus import (CorpusHash, cut_by_lines, goes_to_val, iter_documents, manifest_bytes,
                          manifest_digest, source_manifest, split_mode)
-from data.encode import encode_chunks
+from data.encode import EncoderPool
 from data.tokenizer import END_OF_DOCUMENT, load_tokenizer_file, train_tokenizer, training_sample
 
 CACHE_FORMAT = 2  # bump when the files a cache folder holds change meaning
@@ -201,34 +201,33 @@ def build_cache(config, folder, recipe, log):
     return prepared
 
 
-def write_cache(config, tmp, mode, total_bytes, log):
-    """tokenizer.json, train.bin and val.bin into the folder tmp; returns their PreparedData."""
-    tokenizer_path = str(tmp / "tokenizer.json")
-    t0 = time.time()
+def make_tokenizer(config, tmp, mode, log):
+    """tokenizer.json in tmp: the given file as it is, or BPE trained on a sample of the training
+    split. Returns its path and its end-of-document token's name and id."""
+    path = str(tmp / "tokenizer.json")
     if config.tokenizer:
-        tokenizer, eod_name, eod_id = load_tokenizer_file(config.tokenizer, config.eod_token, config.vocab_size)
-        shutil.copyfile(config.tokenizer, tokenizer_path)  # used exactly as given
-    else:
-        sample = training_sample(train_documents(config, mode), config.tokenizer_train_bytes)
-        tokenizer = train_tokenizer(tqdm(sample, desc="tokenizer sample", unit=" docs", disable=None), config.vocab_size)
-        if tokenizer.get_vocab_size() > config.vocab_size:
-            raise UserError(f"tokenizer has {tokenizer.get_vocab_size()} tokens, more than vocab_size {config.vocab_size}")
-        eod_name, eod_id = END_OF_DOCUMENT, tokenizer.token_to_id(END_OF_DOCUMENT)
-        tokenizer.save(tokenizer_path)
-        log(f"data: tokenizer trained in {time.time() - t0:.1f}s")
-    del tokenizer  # the workers load their own copy from the file
+        _, eod_name, eod_id = load_tokenizer_file(config.tokenizer, config.eod_token, config.vocab_size)
+        shutil.copyfile(config.tokenizer, path)  # used exactly as given
+        return path, eod_name, eod_id
+    t0 = time.time()
+    sample = training_sample(train_documents(config, mode), config.tokenizer_train_bytes)
+    tokenizer = train_tokenizer(tqdm(sample, desc="tokenizer sample", unit=" docs", disable=None), config.vocab_size)
+    if tokenizer.get_vocab_size() > config.vocab_size:
+        raise UserError(f"tokenizer has {tokenizer.get_vocab_size()} tokens, more than vocab_size {config.vocab_size}")
+    tokenizer.save(path)
+    log(f"data: tokenizer trained in {time.time() - t0:.1f}s")
+    return path, END_OF_DOCUMENT, tokenizer.token_to_id(END_OF_DOCUMENT)
 
-    workers = config.prepare_workers or os.cpu_count() or 1
-    dtype = "uint16" if config.vocab_size < 2**16 else "uint32"
+
+def encode_corpus(config, tmp, mode, total_bytes, pool, tokenizer_path, eod_id, dtype):
+    """train.bin and val.bin in tmp, appended chunk by chunk; returns the counts and hash."""
     counts = np.zeros(config.vocab_size, dtype=np.int64)  # unigram counts of the training tokens
     n_tokens, n_docs, n_bytes = [0, 0], [0, 0], 0
     digest = CorpusHash()
-    t1, cpu1 = time.time(), cpu_seconds()
     chunks = split_chunks(iter_documents(config), mode, config.val_fraction, digest)
     with open(tmp / "train.bin", "wb") as train_file, open(tmp / "val.bin", "wb") as val_file, \
-            tqdm(total=total_bytes, unit="B", unit_scale=True, desc="encode",
-                 disable=None) as bar:
-        for (n_train, n_val, size), arrays in encode_chunks(chunks, tokenizer_path, eod_id, dtype, workers):
+            tqdm(total=total_bytes, unit="B", unit_scale=True, desc="encode", disable=None) as bar:
+        for (n_train, n_val, size), arrays in pool.encode(chunks, tokenizer_path, eod_id, dtype):
             for i, (out, tokens) in enumerate(zip((train_file, val_file), arrays)):
                 tokens.tofile(out)
                 n_tokens[i] += len(tokens)
@@ -238,17 +237,28 @@ def write_cache(config, tmp, mode, total_bytes, log):
             n_bytes += size
             bar.update(size)
             bar.set_postfix(docs=f"{sum(n_docs):,}", refresh=False)
-    encode_s, encode_cpu = time.time() - t1, cpu_seconds() - cpu1
-    log(f"data: encoded {n_bytes / 1e6:.1f} MB with {workers} workers in {encode_s:.1f}s "
+    return dict(corpus_hash=digest.hexdigest(), n_train_tokens=n_tokens[0], n_val_tokens=n_tokens[1],
+                n_train_documents=n_docs[0], n_val_documents=n_docs[1],
+                unigram_entropy=unigram_entropy(counts)), n_bytes
+
+
+def write_cache(config, tmp, mode, total_bytes, log):
+    """tokenizer.json, train.bin and val.bin into the folder tmp; returns their PreparedData."""
+    dtype = "uint16" if config.vocab_size < 2**16 else "uint32"
+    t0 = time.time()
+    # the workers start before BPE training, while this process is small: forked workers
+    # inherit (and are charged for) the memory their parent holds
+    with EncoderPool(config.prepare_workers or os.cpu_count() or 1) as pool:
+        tokenizer_path, eod_name, eod_id = make_tokenizer(config, tmp, mode, log)
+        t1, cpu1 = time.time(), cpu_seconds()
+        counted, n_bytes = encode_corpus(config, tmp, mode, total_bytes, pool, tokenizer_path, eod_id, dtype)
+    encode_s, encode_cpu = time.time() - t1, cpu_seconds() - cpu1  # the workers' CPU counts once they exit
+    log(f"data: encoded {n_bytes / 1e6:.1f} MB with {pool.workers} workers in {encode_s:.1f}s "
         f"({n_bytes / 1e6 / max(encode_s, 1e-9):.2f} MB/s, {encode_cpu:.1f} CPU-s)")
     return PreparedData(
-        directory=str(tmp), dtype=dtype, corpus_hash=digest.hexdigest(),
-        tokenizer_hash=file_sha256(tokenizer_path),
-        n_train_tokens=n_tokens[0], n_val_tokens=n_tokens[1],
-        n_train_documents=n_docs[0], n_val_documents=n_docs[1],
-        unigram_entropy=unigram_entropy(counts), eod_token=eod_name,
-        stats={"bytes": n_bytes, "workers": workers, "tokenizer_seconds": round(t1 - t0, 2),
-               "encode_seconds": round(encode_s, 2), "encode_cpu_seconds": round(encode_cpu, 2)})
+        directory=str(tmp), dtype=dtype, tokenizer_hash=file_sha256(tokenizer_path), eod_token=eod_name,
+        **counted, stats={"bytes": n_bytes, "workers": pool.workers, "tokenizer_seconds": round(t1 - t0, 2),
+                          "encode_seconds": round(encode_s, 2), "encode_cpu_seconds": round(encode_cpu, 2)})
 
 
 def check_data_size(prepared, block_size):
