@@ -143,20 +143,24 @@ def main():
     p.add_argument("--workers", type=int, default=0, help="tokenizer processes (0 = one per CPU)")
     p.add_argument("--vocab", type=int, default=50304)
     p.add_argument("--dir", default="/tmp/normgpt_bench_prepare", help="where corpora and caches go")
+    p.add_argument("--train-bytes", type=int, default=0, help="tokenizer_train_bytes (0 = the config default)")
     p.add_argument("--baseline", action="store_true", help="also run the pre-streaming pipeline")
     args = p.parse_args()
     cpu_model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
-    print(f"machine: {cpu_model}, {os.cpu_count()} CPUs; vocab {args.vocab:,}; workers {args.workers or os.cpu_count()}\n")
+    print(f"machine: {cpu_model}, {os.cpu_count()} CPUs; vocab {args.vocab:,}; workers {args.workers or os.cpu_count()}; "
+          f"tokenizer_train_bytes {args.train_bytes or 'default'}\n")
     print("| corpus | pipeline | load avg before | wall s | CPU s | tokenizer s | encode s | encode MB/s | "
           "encode CPU-s/MB | encode CPU/wall | peak RSS main / worker | warm start |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     old = baseline_checkout() if args.baseline else None
     for mb in (int(s) for s in args.sizes.split(",")):
         corpus = write_corpus(Path(args.dir) / f"corpus_{mb}MB", mb)
-        cache = Path(args.dir) / f"cache_{mb}MB"
+        cache = Path(args.dir) / f"cache_{mb}MB_{args.train_bytes}"
         shutil.rmtree(cache, ignore_errors=True)
         overrides = {"data": str(corpus / "*.txt"), "cache_dir": str(cache), "vocab_size": args.vocab,
                      "prepare_workers": args.workers}
+        if args.train_bytes:
+            overrides["tokenizer_train_bytes"] = args.train_bytes
         load_before = load()
         out, wall, cpu = run(DRIVER.format(root=str(ROOT), overrides=overrides))
         s = out["stats"]
