@@ -80,8 +80,8 @@ def _first_line(e):
 
 def iter_hf_documents(name, config):
     """A Hugging Face dataset by name (or a local dataset folder): one document per row of
-    hf_text_column. With hf_streaming the rows are fetched as they are read and reading stops at
-    hf_max_documents; without it datasets builds its on-disk Arrow cache, read back in batches."""
+    hf_text_column. With hf_streaming rows are fetched as they are read and reading stops at
+    hf_max_documents; without it datasets first builds its on-disk Arrow cache, read row by row."""
     import datasets  # imported only when a dataset is actually read, never for a warm cache
     datasets.disable_progress_bars()
     try:
