@@ -10,6 +10,7 @@ main process and of the largest worker. Then a warm start (a second prepare of t
 timed. --baseline also runs the pipeline as it was before streaming (git 219f105) on each corpus.
 """
 import argparse
+import itertools
 import json
 import os
 import random
@@ -28,14 +29,14 @@ BASELINE_COMMIT = "219f105"
 
 
 def prose_words():
-    """English words and their frequencies, from the stdlib's comments and docstrings."""
+    """English words and their cumulative frequencies, from the stdlib's comments and docstrings."""
     from data.corpus import stdlib_documents
     words = {}
     for doc in stdlib_documents()[:400]:
         for comment in re.findall(r'#([^\n]*)|"""(.*?)"""', doc, flags=re.S):
             for w in re.findall(r"[A-Za-z]+", " ".join(comment)):
                 words[w] = words.get(w, 0) + 1
-    return list(words), list(words.values())
+    return list(words), list(itertools.accumulate(words.values()))
 
 
 def write_corpus(folder, megabytes, seed=0):
@@ -53,7 +54,7 @@ def write_corpus(folder, megabytes, seed=0):
             sources.append(p.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, OSError):
             pass
-    words, weights = prose_words()
+    words, cum_weights = prose_words()  # cumulative: choices() would re-add the weights per call
     target, written, i = megabytes * 1_000_000, [0, 0], 0
     while sum(written) < target:
         kind = 0 if written[0] <= written[1] else 1
@@ -62,7 +63,7 @@ def write_corpus(folder, megabytes, seed=0):
         else:
             sentences = []
             for _ in range(rng.randint(20, 200)):
-                s = " ".join(rng.choices(words, weights, k=rng.randint(5, 25)))
+                s = " ".join(rng.choices(words, cum_weights=cum_weights, k=rng.randint(5, 25)))
                 sentences.append(s[0].upper() + s[1:] + rng.choice([".", ".", ".", "?", "!", ";"]))
             text = "\n\n".join(" ".join(sentences[j:j + 5]) for j in range(0, len(sentences), 5)) + "\n"
         (folder / f"doc{i:07d}.txt").write_text(text, encoding="utf-8")
