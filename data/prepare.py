@@ -179,19 +179,31 @@ def cpu_seconds():
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
+def summary(manifest):
+    files = manifest.get("stdlib") or manifest.get("files") or []
+    return {**{k: v for k, v in manifest.items() if k not in ("stdlib", "files")},
+            "files": len(files), "bytes": sum(size for _, size, _ in files)}
+
+
 def build_cache(config, folder, recipe, log):
     t0 = time.time()
     mode = split_mode(iter_documents(config), config.val_fraction)
     if mode is None:
         raise UserError(f"data {config.data!r} holds no non-empty documents")
-    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")  # built aside, renamed when complete
+    tmp = folder.with_name(f"{folder.name}.tmp-{os.uname().nodename}-{os.getpid()}")  # renamed when complete
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         prepared = write_cache(config, tmp, mode, manifest_bytes(recipe["source"]), log)
         prepared.stats["seconds"] = round(time.time() - t0, 2)
-        (tmp / "meta.json").write_text(json.dumps({**prepared.__dict__, "source": recipe}, indent=2) + "\n")
-        os.replace(tmp, folder)
+        built_from = {**recipe, "source": summary(recipe["source"])}  # not every file's entry: meta.json stays small
+        (tmp / "meta.json").write_text(json.dumps({**prepared.__dict__, "built_from": built_from}, indent=2) + "\n")
+        try:
+            os.replace(tmp, folder)
+        except OSError:
+            if not (folder / "meta.json").is_file():
+                raise
+            # another machine sharing the cache folder (where the lock may not reach) finished first
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     prepared.directory = str(folder)
