@@ -196,6 +196,7 @@ def build_cache(config, folder, recipe, log):
     try:
         prepared = write_cache(config, tmp, mode, manifest_bytes(recipe["source"]), log)
         prepared.stats["seconds"] = round(time.time() - t0, 2)
+        prepared.directory = str(folder)
         built_from = {**recipe, "source": summary(recipe["source"])}  # not every file's entry: meta.json stays small
         (tmp / "meta.json").write_text(json.dumps({**prepared.__dict__, "built_from": built_from}, indent=2) + "\n")
         try:
@@ -206,7 +207,6 @@ def build_cache(config, folder, recipe, log):
             # another machine sharing the cache folder (where the lock may not reach) finished first
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    prepared.directory = str(folder)
     log(f"data: {config.data} (corpus {prepared.corpus_hash[:12]}): {prepared.n_train_documents} train / "
         f"{prepared.n_val_documents} val documents, {prepared.n_train_tokens:,} / {prepared.n_val_tokens:,} "
         f"tokens, prepared in {time.time() - t0:.1f}s -> {folder}")
