@@ -101,6 +101,7 @@ def test_a_warm_start_reads_no_document_and_a_changed_file_is_noticed(tmp_path, 
     assert prepare_data(config, **QUIET).directory not in (first.directory, changed.directory)
 
 
+@pytest.mark.slow
 def test_several_processes_prepare_once(tmp_path):
     """Three processes start on a missing cache at once: one builds it, the others wait on the lock
     (or poll, with build=False) and read the same folder."""
