@@ -58,8 +58,8 @@ RESULT_KEYS = ["variant", "seed", "status", "final_val_loss", "best_val_loss", "
                "device", "worker", "run_dir", "error"]
 P_THRESHOLD = 0.05
 # the config keys that decide a run's data cache (data/prepare.py): runs that agree on them share one
-DATA_KEYS = {"data", "hf_config", "hf_split", "hf_text_column", "hf_streaming", "hf_max_documents", "val_fraction",
-             "vocab_size", "cache_dir"}
+DATA_KEYS = {"data", "hf_config", "hf_split", "hf_text_column", "hf_streaming", "hf_max_documents", "hf_revision",
+             "tokenizer", "eod_token", "tokenizer_train_bytes", "val_fraction", "vocab_size", "cache_dir"}
 
 
 @dataclass

@@ -50,6 +50,11 @@ class Config:
     hf_text_column: str = "text"
     hf_streaming: bool = False
     hf_max_documents: int = 0     # 0 = all documents (set it when streaming a large dataset)
+    hf_revision: str = ""         # a hub dataset's git revision (part of the cache key; "" = latest)
+    tokenizer: str = ""           # path to an existing tokenizer.json ("" = train byte-level BPE)
+    eod_token: str = ""           # the given tokenizer's end-of-document token ("" = find it among its special tokens)
+    tokenizer_train_bytes: int = 200_000_000  # BPE is trained on the first this-many bytes of the training split
+    prepare_workers: int = 0      # tokenizer processes when preparing data (0 = one per CPU)
     val_fraction: float = 0.05    # share of documents held out for validation
     cache_dir: str = "cache"      # tokenizers and token memmaps, keyed by corpus hash and vocab size
     # --- training ---
@@ -104,10 +109,12 @@ class Config:
             "learning_rate": self.learning_rate > 0, "min_lr": 0 <= self.min_lr <= self.learning_rate,
             "warmup_steps": self.warmup_steps >= 0, "weight_decay": self.weight_decay >= 0,
             "beta1": 0 <= self.beta1 < 1, "beta2": 0 <= self.beta2 < 1, "grad_clip": self.grad_clip >= 0,
-            "hf_max_documents": self.hf_max_documents >= 0,
+            "hf_max_documents": self.hf_max_documents >= 0, "prepare_workers": self.prepare_workers >= 0,
+            "tokenizer_train_bytes": self.tokenizer_train_bytes > 0,
         }
         ranges = {"dropout": "[0, 1)", "val_fraction": "(0, 1)", "prms_fraction": "(0, 1]", "norm_eps": "> 0",
-                  "learning_rate": "> 0", "min_lr": "[0, learning_rate]", "beta1": "[0, 1)", "beta2": "[0, 1)"}
+                  "learning_rate": "> 0", "min_lr": "[0, learning_rate]", "beta1": "[0, 1)", "beta2": "[0, 1)",
+                  "tokenizer_train_bytes": "> 0"}
         for name, ok in checks.items():
             if not ok:
                 raise UserError(f"{name} = {getattr(self, name)} is out of range; valid: {ranges.get(name, '>= 0')}")

@@ -11,7 +11,8 @@ from tokenizers import Tokenizer
 
 from checkpoint import TOKENIZER, load_model, read_meta
 from config import UserError, run_main
-from data.prepare import END_OF_DOCUMENT, file_sha256
+from data.prepare import file_sha256
+from data.tokenizer import end_of_document
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -103,7 +104,7 @@ def generate_samples(args, out=None):
     tokenizer = Tokenizer.from_file(str(tokenizer_file))
     prompt = read_prompt(args)
     ids = tokenizer.encode(prompt, add_special_tokens=False).ids if prompt else []
-    ids = [tokenizer.token_to_id(END_OF_DOCUMENT)] + ids  # samples start as a fresh document
+    ids = [end_of_document(tokenizer, config.eod_token)[1]] + ids  # samples start as a fresh document
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     samples = []
     for i in range(args.num_samples):

@@ -152,8 +152,9 @@ def _train(config, resume, log, accelerator):
     run_dir = Path(config.out_dir)
     seed_everything(config.seed + accelerator.process_index)  # distinct dropout masks per process
 
-    with accelerator.main_process_first():  # one process builds the data cache, the rest reuse it
-        data = prepare_data(config, log=log)
+    # one process per machine builds a missing data cache; the others poll its folder rather than
+    # wait inside a collective, which would time out on a large corpus
+    data = prepare_data(config, log=log, build=accelerator.is_local_main_process)
     check_data_size(data, config.block_size)
     train_tokens, val_tokens = data.tokens("train"), data.tokens("val")
     if resume:  # the newest checkpoint that passes its manifest's checks; newer damaged ones are named

@@ -1,0 +1,73 @@
+"""The tokenizer: byte-level BPE trained on a bounded sample of the training split, or an existing
+tokenizer.json (e.g. GPT-2's) used exactly as given. Either way one token marks the end of a document."""
+import json
+import os
+import sys
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from config import UserError
+
+END_OF_DOCUMENT = "<|endoftext|>"
+# names an end-of-document token goes by in common tokenizers, most likely first
+EOD_NAMES = (END_OF_DOCUMENT, "<|end_of_text|>", "</s>", "<eos>", "<|eos|>", "[EOS]", "<|im_end|>")
+
+
+def train_tokenizer(documents, vocab_size):
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[END_OF_DOCUMENT],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=sys.stderr.isatty())
+    tokenizer.train_from_iterator(documents, trainer=trainer)
+    return tokenizer
+
+
+def training_sample(train_documents, max_bytes):
+    """The first documents of the training split up to max_bytes of UTF-8 (at least one): a bounded,
+    deterministic sample, so BPE training costs the same on 1 GB as on 100 GB. A corpus smaller than
+    max_bytes is used whole, as before this bound existed."""
+    total = 0
+    for doc in train_documents:
+        yield doc
+        total += len(doc.encode("utf-8"))
+        if total >= max_bytes:
+            return
+
+
+def special_tokens(tokenizer_json):
+    return [t["content"] for t in tokenizer_json.get("added_tokens", []) if t.get("special")]
+
+
+def end_of_document(tokenizer, eod_token="", where="tokenizer"):
+    """The end-of-document token's (name, id): eod_token when given, else the one special token
+    that is named like one (GPT-2's <|endoftext|>, Llama's </s>...). One line when there is none."""
+    if eod_token:
+        eod_id = tokenizer.token_to_id(eod_token)
+        if eod_id is None:
+            raise UserError(f"{where} has no token {eod_token!r} (eod_token)")
+        return eod_token, eod_id
+    specials = special_tokens(json.loads(tokenizer.to_str()))
+    named = [name for name in EOD_NAMES if name in specials]
+    if named:
+        return named[0], tokenizer.token_to_id(named[0])
+    listed = ", ".join(specials) if specials else "none"
+    raise UserError(f"{where} has no end-of-document token among its special tokens ({listed}); "
+                    f"name one with eod_token")
+
+
+def load_tokenizer_file(path, eod_token, vocab_size):
+    """An existing tokenizer.json, checked: it loads, it has an end-of-document token, and its
+    vocabulary fits in vocab_size (the model's embedding table)."""
+    if not os.path.isfile(path):
+        raise UserError(f"tokenizer file {path!r} does not exist (tokenizer = path to a tokenizer.json)")
+    try:
+        tokenizer = Tokenizer.from_file(path)
+    except Exception as e:  # tokenizers raises plain Exceptions for malformed JSON
+        raise UserError(f"tokenizer file {path!r} is not a tokenizers JSON file: {str(e).splitlines()[0]}") from None
+    name, eod_id = end_of_document(tokenizer, eod_token, where=f"tokenizer {path!r}")
+    if tokenizer.get_vocab_size() > vocab_size:
+        raise UserError(f"tokenizer {path!r} has {tokenizer.get_vocab_size():,} tokens, more than "
+                        f"vocab_size {vocab_size:,}; set vocab_size to at least {tokenizer.get_vocab_size()}")
+    return tokenizer, name, eod_id
