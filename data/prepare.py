@@ -284,7 +284,7 @@ def main():
     import argparse
     from dataclasses import replace
 
-    from config import load_config
+    from config import check_folder, load_config
     parser = argparse.ArgumentParser(description="Build the data cache (tokenizer, train.bin, val.bin) "
                                      "for a config's data and print its folder.")
     parser.add_argument("config", help="a TOML config, e.g. configs/default.toml")
@@ -295,6 +295,7 @@ def main():
         if args.workers < 0:
             raise UserError(f"--workers must be >= 0, got {args.workers}")
         config = replace(config, prepare_workers=args.workers)
+    check_folder(config.cache_dir, "cache_dir")
     print(prepare_data(config).directory)
 
 
