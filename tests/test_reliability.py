@@ -176,6 +176,19 @@ def test_a_damaged_latest_checkpoint_is_skipped_and_kept(reference, tmp_path, da
     assert [p.name for p in list_checkpoints(config.out_dir)] == ["step_0000020", "step_0000030"]
 
 
+def test_checkpoints_saved_before_manifests_still_load_and_resume(reference, tmp_path):
+    """Checkpoints from before manifest.json existed (otherwise the same format) get the lighter check."""
+    ref_config, ref_metrics = reference
+    config = dataclasses.replace(ref_config, out_dir=str(tmp_path / "old_format"))
+    shutil.copytree(ref_config.out_dir, config.out_dir)
+    for folder in list_checkpoints(config.out_dir):
+        (folder / "manifest.json").unlink()
+    shutil.rmtree(Path(config.out_dir) / "checkpoints" / "step_0000030")
+    assert load_model(config.out_dir)[2].name == "step_0000020"
+    train(config, resume=True, log=lambda *_: None)
+    assert_same_metrics(ref_metrics, metrics(config.out_dir))
+
+
 def test_no_intact_checkpoint_is_one_line_and_deletes_nothing(reference, tmp_path):
     ref_config, _ = reference
     config = dataclasses.replace(ref_config, out_dir=str(tmp_path / "all_damaged"))
