@@ -16,12 +16,16 @@ A comparison is a TOML file:
     [variants.mixed]
     block_norms = "layernorm*2,rmsnorm*2"
 
-Runs go to <out_dir>/runs/<variant>/seed<seed>. A run only differs from its siblings by the variant's
+An optional [sweep] table crosses every variant with every value of one config key, e.g.
+learning_rate = [3e-3, 1e-2, 3e-2]; sweeps.py names the grid's points and computes LR sensitivity.
+
+Runs go to <out_dir>/runs/<variant>/seed<seed> (with a sweep: runs/<variant>/<key>_<value>/seed<seed>). A run only differs from its siblings by the variant's
 overrides: the seed alone picks the training batches (data/batches.py), and the validation windows are
 fixed, so every variant of one seed sees the same batches in the same order (tests/test_compare.py).
 Outputs in <out_dir>: results.csv and results.json (one row per run), summary.md (also printed) and
 summary.json, val_loss_vs_step.png, val_loss_vs_time.png, and diagnostics_<variant>.png when the runs
-record diagnostics.
+record diagnostics; with a sweep also sweep.json and loss_vs_<key>.png. A run that diverges (non-finite
+losses) is a result, with status "diverged", not a failure.
 """
 import csv
 import json
@@ -31,20 +35,21 @@ import subprocess
 import sys
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from scipy import stats
 
 import plots
+import sweeps
 from checkpoint import list_checkpoints
 from config import UserError, apply_overrides, load_config, read_toml, run_main
 from model.norms import check_model_config
 from runlog import read_diagnostics, read_metrics
 
-COMPARISON_KEYS = {"base_config", "base", "out_dir", "seeds", "baseline", "target_val_loss", "variants"}
-RESULT_KEYS = ["variant", "seed", "status", "final_val_loss", "best_val_loss", "final_train_loss", "tokens_per_s",
+COMPARISON_KEYS = {"base_config", "base", "out_dir", "seeds", "baseline", "target_val_loss", "variants", "sweep"}
+RESULT_KEYS = ["variant", "seed", "sweep_value", "status", "initial_val_loss", "final_val_loss", "best_val_loss", "final_train_loss", "tokens_per_s",
                "wall_seconds", "time_to_target_s", "steps", "n_params", "corpus_hash", "run_seconds", "load_at_start",
                "run_dir", "error"]
 P_THRESHOLD = 0.05
@@ -57,11 +62,23 @@ class Comparison:
     seeds: list
     baseline: str
     target_val_loss: float
-    runs: list  # [(variant, seed, Config)], seeds outer, variants inner
+    runs: list  # [(label, seed, Config)], seeds outer, variants inner; label: sweeps.point_label
+    sweep_key: str | None = None
+    points: dict = field(default_factory=dict)  # label -> (variant, sweep value)
 
     @property
     def variants(self):
+        """The points of the grid: the variants, or with a sweep every (variant, value) label."""
         return list(dict.fromkeys(v for v, _, _ in self.runs))
+
+    @property
+    def base_variants(self):
+        return list(dict.fromkeys(v for v, _ in self.points.values()))
+
+    def baseline_for(self, label):
+        """The baseline variant at the same sweep value: points are tested against their own value."""
+        variant, value = self.points[label]
+        return sweeps.point_label(self.baseline, self.sweep_key, value)
 
 
 def load_comparison(path):
@@ -92,22 +109,28 @@ def load_comparison(path):
         base = load_config(spec.get("base_config"), base_overrides)
     except UserError as e:
         raise UserError(f"{path}: base config: {e}") from None
-    runs = []
+    key, values = sweeps.parse_sweep(spec.get("sweep"), path)
+    runs, points = [], {}
     for seed in seeds:  # seeds outer: a slow drift in machine load then hits every variant alike
         for name, overrides in variants.items():
             if not name.replace("_", "").replace("-", "").isalnum():
                 raise UserError(f"{path}: variant name {name!r} must be letters, digits, '-' or '_' (it names a folder)")
-            fixed = sorted({"seed", "out_dir"} & set(overrides))
+            fixed = sorted({"seed", "out_dir", key} & set(overrides))
             if fixed:
                 raise UserError(f"{path}: variant {name!r} sets {', '.join(fixed)}; the comparison sets those per run")
-            run_dir = Path(spec["out_dir"]) / "runs" / name / f"seed{seed}"
-            try:
-                config = apply_overrides(base, {**overrides, "seed": seed, "out_dir": str(run_dir)}).validate()
-                check_model_config(config)
-            except UserError as e:
-                raise UserError(f"{path}: variant {name!r}: {e}") from None
-            runs.append((name, seed, config))
-    return Comparison(path.stem, Path(spec["out_dir"]), seeds, baseline, float(target), runs)
+            for value in values:
+                label = sweeps.point_label(name, key, value)
+                run_dir = Path(spec["out_dir"]) / "runs" / name / sweeps.point_folder(key, value) / f"seed{seed}"
+                try:
+                    config = apply_overrides(base, overrides)
+                    config = apply_overrides(config, {**sweeps.sweep_overrides(config, key, value), "seed": seed,
+                                                      "out_dir": str(run_dir)}).validate()
+                    check_model_config(config)
+                except UserError as e:
+                    raise UserError(f"{path}: variant {label!r}: {e}") from None
+                runs.append((label, seed, config))
+                points[label] = (name, value)
+    return Comparison(path.stem, Path(spec["out_dir"]), seeds, baseline, float(target), runs, key, points)
 
 
 def time_to_target(metrics, target):
@@ -120,7 +143,7 @@ def time_to_target(metrics, target):
 def run_one(variant, seed, config, target, log=print):
     """Train one run unless it is already complete. A failed run comes back as a row with status "failed";
     only a run folder trained with another config (or Ctrl-C) stops the comparison."""
-    from train import train  # imported here so that reading a comparison does not load torch's trainer
+    from train import TrainingDiverged, train  # imported here: reading a comparison does not load the trainer
     run_dir = Path(config.out_dir)
     done = run_dir / "result.json"
     row = {"variant": variant, "seed": seed, "run_dir": str(run_dir), "status": "ok", "error": ""}
@@ -145,6 +168,8 @@ def run_one(variant, seed, config, target, log=print):
         result = train(config, resume=resume, log=lambda *a: None)
     except KeyboardInterrupt:
         raise
+    except TrainingDiverged as e:  # a result (this config is unstable), not a failure: recorded and kept
+        result = {"final_val_loss": None, "error": str(e).splitlines()[0]}
     except Exception as e:  # a failed run is reported and the others go on
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "error.txt").write_text(traceback.format_exc())
@@ -152,12 +177,19 @@ def run_one(variant, seed, config, target, log=print):
         log(f"[{variant} seed {seed}] FAILED: {type(e).__name__}: {message} (traceback in {run_dir / 'error.txt'})")
         return {**row, "status": "failed", "error": f"{type(e).__name__}: {message}"}
     (run_dir / "error.txt").unlink(missing_ok=True)
-    keys = ["final_val_loss", "best_val_loss", "final_train_loss", "tokens_per_s", "wall_seconds", "steps",
-            "n_params", "corpus_hash"]
-    row.update({k: result[k] for k in keys}, time_to_target_s=time_to_target(read_metrics(run_dir), target),
-               run_seconds=round(time.time() - started, 1))
+    metrics = read_metrics(run_dir)
+    row["initial_val_loss"] = metrics[0]["val_loss"] if metrics and metrics[0]["step"] == 0 else None
+    row["run_seconds"] = round(time.time() - started, 1)
+    if result["final_val_loss"] is None or not np.isfinite(result["final_val_loss"]):
+        row.update(status=sweeps.DIVERGED, error=result.get("error", "non-finite val loss"), final_val_loss=None,
+                   steps=max(r["step"] for r in metrics))
+        log(f"[{variant} seed {seed}] diverged: {row['error']}")
+    else:
+        keys = ["final_val_loss", "best_val_loss", "final_train_loss", "tokens_per_s", "wall_seconds", "steps",
+                "n_params", "corpus_hash"]
+        row.update({k: result[k] for k in keys}, time_to_target_s=time_to_target(metrics, target))
+        log(f"[{variant} seed {seed}] val loss {row['final_val_loss']:.4f}, {row['tokens_per_s']:,.0f} tokens/s")
     done.write_text(json.dumps({"row": row, "config": config.to_dict()}, indent=1))
-    log(f"[{variant} seed {seed}] val loss {row['final_val_loss']:.4f}, {row['tokens_per_s']:,.0f} tokens/s")
     return row
 
 
@@ -176,9 +208,10 @@ def summarize(rows, comparison):
     (norm parameters start at constants and draw no random numbers): the pairing is by design."""
     ok = [r for r in rows if r["status"] == "ok"]
     losses = {v: np.array([r["final_val_loss"] for r in ok if r["variant"] == v]) for v in comparison.variants}
-    base = losses[comparison.baseline]
     summary = []
     for variant in comparison.variants:
+        baseline = comparison.baseline_for(variant)
+        base = losses[baseline]
         mine, runs = losses[variant], [r for r in ok if r["variant"] == variant]
         entry = {"variant": variant, "n_ok": len(mine), "n_runs": len(comparison.seeds),
                  "mean": float(mine.mean()) if len(mine) else None,
@@ -187,7 +220,7 @@ def summarize(rows, comparison):
                  "tokens_per_s": float(np.mean([r["tokens_per_s"] for r in runs])) if runs else None}
         times = [r["time_to_target_s"] for r in runs if r["time_to_target_s"] is not None]
         entry.update(time_to_target_s=float(np.mean(times)) if times else None, n_reached=len(times))
-        if variant == comparison.baseline:
+        if variant == baseline:
             entry["verdict"] = "baseline"
         elif len(mine) < 2 or len(base) < 2:
             entry["verdict"] = "too few finished seeds to test"
@@ -197,7 +230,7 @@ def summarize(rows, comparison):
             p = float(stats.ttest_ind(mine, base, equal_var=False).pvalue)
             entry["p_value"] = None if np.isnan(p) else p
             mine_by_seed, base_by_seed = ({r["seed"]: r["final_val_loss"] for r in ok if r["variant"] == v}
-                                          for v in (variant, comparison.baseline))
+                                          for v in (variant, baseline))
             seeds = sorted(set(mine_by_seed) & set(base_by_seed))
             if len(seeds) >= 2:
                 paired = stats.ttest_rel([mine_by_seed[s] for s in seeds], [base_by_seed[s] for s in seeds])
@@ -263,14 +296,16 @@ def write_outputs(rows, comparison, header):
             f"information; the verdict does not use it. Time to target: training "
             f"seconds (eval excluded) at the first eval reaching the target, mean over the seeds that reached it.",
             "", "![val loss vs step](val_loss_vs_step.png)", "", "![val loss vs time](val_loss_vs_time.png)"]
-    failed = [r for r in rows if r["status"] != "ok"]
+    if comparison.sweep_key is not None:
+        text += sweep_report(rows, comparison)
+    failed = [r for r in rows if r["status"] not in ("ok", sweeps.DIVERGED)]
     if failed:
         text += ["", "## Failed runs", ""] + [f"- {r['variant']} seed {r['seed']}: {r['error']}" for r in failed]
     heatmaps = []
     for variant in comparison.variants:
         diagnostics = [d for d in (read_diagnostics(r["run_dir"]) for r in ok if r["variant"] == variant) if d]
         if diagnostics:
-            name = f"diagnostics_{variant}.png"
+            name = f"diagnostics_{variant.replace('@', '_').replace('=', '_')}.png"
             plots.plot_diagnostics(plots.average_diagnostics(diagnostics), out / name,
                                    f"{variant}, mean of {len(diagnostics)} seeds")
             heatmaps += ["", f"### {variant}", "", f"![diagnostics {variant}]({name})"]
@@ -280,12 +315,34 @@ def write_outputs(rows, comparison, header):
     return summary
 
 
+def sweep_report(rows, comparison):
+    """The sweep's section of summary.md (table, loss-vs-value plot), and sweep.json."""
+    key, out = comparison.sweep_key, comparison.out_dir
+    values = list(dict.fromkeys(value for _, value in comparison.points.values()))
+    summary = sweeps.summarize_sweep(rows, comparison)
+    (out / "sweep.json").write_text(json.dumps(summary, indent=1, default=str))
+    plot = f"loss_vs_{key}.png"
+    plots.plot_loss_vs_sweep(summary, values, out / plot, comparison.name)
+    diverged = [f"- {r['variant']} seed {r['seed']}: {r['error']}" for r in rows if r["status"] == sweeps.DIVERGED]
+    follows = " min_lr follows learning_rate at each variant's own min_lr / learning_rate ratio." \
+        if key == "learning_rate" else ""
+    return ["", f"## Sweep over {key}", "",
+            f"Final val loss (mean ± std over the seeds that did not diverge; \"logit\": the largest attention "
+            f"logit at the last eval, max over layers, mean over seeds) at each {key}.{follows} LR sensitivity "
+            f"(Wortsman et al. 2023): the mean over the swept values of min(final, initial val loss) minus its "
+            f"best value, a diverged run counting as its initial (step-0) loss; sweeps.py has the arithmetic.",
+            "", sweeps.sweep_table(summary, values), "", f"![final val loss vs {key}]({plot})"] \
+        + (["", "Diverged runs (results, not failures):", ""] + diverged if diverged else [])
+
+
 def compare(path, log=print):
     """Run (or finish) a comparison and write its outputs; returns (rows, summary)."""
     comparison = load_comparison(path)
     started = time.time()
     log(f"comparison {comparison.name}: {len(comparison.variants)} variants x {len(comparison.seeds)} seeds "
         f"-> {comparison.out_dir}")
+    if comparison.sweep_key == "learning_rate":
+        log("the sweep sets learning_rate; min_lr follows it at each variant's own min_lr / learning_rate ratio")
     rows = [run_one(v, s, c, comparison.target_val_loss, log) for v, s, c in comparison.runs]
     threads = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
     timed = [r for r in rows if r.get("run_seconds") is not None]
@@ -297,8 +354,10 @@ def compare(path, log=print):
               + f". This invocation took {time.time() - started:.0f} s."]
     summary = write_outputs(rows, comparison, header)
     log("\n" + markdown_table(summary, comparison))
-    failed = sum(r["status"] != "ok" for r in rows)
-    log(f"\n{len(rows) - failed}/{len(rows)} runs ok" + (f", {failed} failed (see summary.md)" if failed else "")
+    failed = sum(r["status"] not in ("ok", sweeps.DIVERGED) for r in rows)
+    diverged = sum(r["status"] == sweeps.DIVERGED for r in rows)
+    log(f"\n{len(rows) - failed - diverged}/{len(rows)} runs ok" + (f", {diverged} diverged" if diverged else "")
+        + (f", {failed} failed (see summary.md)" if failed else "")
         + f"; outputs in {comparison.out_dir}")
     return rows, summary
 

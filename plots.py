@@ -108,3 +108,32 @@ def plot_probe(rows, path, title=""):
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def plot_loss_vs_sweep(summary, values, path, title=""):
+    """Final val loss against the swept value, one line per variant (sweeps.summarize_sweep): the mean
+    over seeds of min(final, initial) loss, diverged runs counted at the initial loss (an x marks a
+    value where some seed diverged). Log x-axis when every value is a positive number."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=100)
+    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    xs = values if numeric else list(range(len(values)))
+    for s in summary:
+        points = [(x, s["capped_means"][v], s["values"][v]["n_diverged"]) for x, v in zip(xs, values)
+                  if v in s["capped_means"]]
+        if not points:
+            continue
+        line, = ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=s["variant"])
+        bad = [p for p in points if p[2]]
+        ax.scatter([p[0] for p in bad], [p[1] for p in bad], marker="x", s=80, color=line.get_color(), zorder=3)
+    if numeric and all(v > 0 for v in values):
+        ax.set_xscale("log")
+    if not numeric:
+        ax.set_xticks(xs, [str(v) for v in values])
+    ax.set_xlabel(summary[0]["key"] if summary else "")
+    ax.set_ylabel("final val loss (nats/token)")
+    ax.set_title(f"{title}: final val loss (diverged = initial loss, marked x)", fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
