@@ -339,8 +339,9 @@ def compare(path, log=print):
     """Run (or finish) a comparison and write its outputs; returns (rows, summary)."""
     comparison = load_comparison(path)
     started = time.time()
-    log(f"comparison {comparison.name}: {len(comparison.variants)} variants x {len(comparison.seeds)} seeds "
-        f"-> {comparison.out_dir}")
+    grid = f"{len(comparison.variants)} variants" if comparison.sweep_key is None else \
+        f"{len(comparison.base_variants)} variants x {len(comparison.variants) // len(comparison.base_variants)} values"
+    log(f"comparison {comparison.name}: {grid} x {len(comparison.seeds)} seeds -> {comparison.out_dir}")
     if comparison.sweep_key == "learning_rate":
         log("the sweep sets learning_rate; min_lr follows it at each variant's own min_lr / learning_rate ratio")
     rows = [run_one(v, s, c, comparison.target_val_loss, log) for v, s, c in comparison.runs]
