@@ -77,8 +77,9 @@ class Comparison:
 
     def baseline_for(self, label):
         """The baseline variant at the same sweep value: points are tested against their own value."""
-        variant, value = self.points[label]
-        return sweeps.point_label(self.baseline, self.sweep_key, value)
+        if self.sweep_key is None:
+            return self.baseline
+        return sweeps.point_label(self.baseline, self.sweep_key, self.points[label][1])
 
 
 def load_comparison(path):

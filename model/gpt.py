@@ -38,7 +38,7 @@ class CausalSelfAttention(nn.Module):
             self.k_norm = make_norm(config.qk_norm, config.n_embd // config.n_head, config)
         else:
             self.q_norm = self.k_norm = None
-        self.keep_qk = False  # set by model/diagnostics.py for its one pass: keeps (q, k) in self.last_qk
+        self.keep_qk, self.last_qk = False, None  # model/diagnostics.py sets keep_qk for its one pass
 
     def forward(self, x, kv_cache=None):
         """kv_cache: None, or a dict this layer fills with keys/values of all tokens seen so far."""
