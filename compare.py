@@ -44,7 +44,7 @@ from scipy import stats
 import plots
 import sweeps
 from checkpoint import list_checkpoints
-from config import UserError, apply_overrides, load_config, read_toml, run_main
+from config import Config, UserError, apply_overrides, load_config, read_toml, run_main
 from model.norms import check_model_config
 from runlog import read_diagnostics, read_metrics
 
@@ -150,8 +150,9 @@ def run_one(variant, seed, config, target, log=print):
     row = {"variant": variant, "seed": seed, "run_dir": str(run_dir), "status": "ok", "error": ""}
     if done.exists():
         saved = json.loads(done.read_text())
-        if saved["config"] != config.to_dict():
-            changed = sorted(k for k, v in config.to_dict().items() if saved["config"].get(k) != v)
+        saved_config = {**Config().to_dict(), **saved["config"]}  # keys added since it ran take their defaults
+        if saved_config != config.to_dict():
+            changed = sorted(k for k, v in config.to_dict().items() if saved_config.get(k) != v)
             raise UserError(f"{run_dir} was trained with a different config ({', '.join(changed)}); "
                             f"delete it or give the comparison another out_dir")
         log(f"[{variant} seed {seed}] complete, skipped")

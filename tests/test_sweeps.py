@@ -138,3 +138,17 @@ def test_the_shipped_stability_study_is_seven_setups_by_three_rates_by_two_seeds
     assert configs["qk_rmsnorm@learning_rate=0.03"].qk_norm == "rmsnorm"
     assert configs["post_layernorm@learning_rate=0.01"].warmup_steps == 125
     assert configs["dyt@learning_rate=0.003"].min_lr == pytest.approx(3e-4)
+
+
+def test_a_run_finished_before_the_new_keys_existed_is_still_skipped(tmp_path, shared_cache):
+    path = write_comparison(tmp_path, shared_cache, {"layernorm": {"norm": "layernorm"}}, seeds=(1,))
+    [(label, seed, config)] = compare.load_comparison(path).runs
+    old = {k: v for k, v in config.to_dict().items() if k not in ("qk_norm", "block_positions", "output_norm",
+                                                                   "dyt_alpha", "z_loss")}
+    run_dir = tmp_path / "out" / "runs" / "layernorm" / "seed1"
+    run_dir.mkdir(parents=True)
+    (run_dir / "result.json").write_text(json.dumps({"row": {"final_val_loss": 4.0}, "config": old}))
+    assert compare.run_one(label, seed, config, 5.0, log=lambda *a: None)["final_val_loss"] == 4.0
+    (run_dir / "result.json").write_text(json.dumps({"row": {}, "config": {**old, "qk_norm": "rmsnorm"}}))
+    with pytest.raises(UserError, match="different config \\(qk_norm\\)"):
+        compare.run_one(label, seed, config, 5.0, log=lambda *a: None)
