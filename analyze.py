@@ -6,10 +6,12 @@
 The probe flips ONE norm site at a time and evaluates the fixed validation set (train.evaluate):
   - a site that re-centers (LayerNorm) loses its mean subtraction and keeps its gain and bias: it becomes
     g * x / sqrt(mean(x²) + eps) + b, i.e. RMSNorm with the LayerNorm's parameters;
-  - any other site (RMSNorm, pRMSNorm, ScaleNorm, none) gets mean subtraction as a pre-step,
+  - any other site (RMSNorm, pRMSNorm, ScaleNorm, DyT, none) gets mean subtraction as a pre-step,
     norm(x - mean(x)), with its own parameters. For RMSNorm that is exactly LayerNorm without bias.
+Then it REMOVES, one at a time, each block's QK-norm (q and k together) and each output norm (the
+sublayer-output norms of "peri" and "output" blocks), replacing them by the identity.
 No weights are retrained, so Δ val loss measures how much the trained weights rely on the site's
-(non-)centering. Outputs: <run dir>/probe.md (also printed), probe.json, probe.png.
+(non-)centering, or on the site at all. Outputs: <run dir>/probe.md (also printed), probe.json, probe.png.
 """
 import json
 import sys
@@ -24,7 +26,7 @@ from checkpoint import load_model
 from config import UserError, run_main
 from data.prepare import prepare_data
 from kernels.rmsnorm import rms_norm
-from model.diagnostics import norm_sites
+from model.diagnostics import SITE_SLOTS, norm_sites, site_slot
 from model.norms import LayerNorm, upcast
 from runlog import read_diagnostics
 from train import evaluate
@@ -68,18 +70,32 @@ def with_centering(norm, center):
 
 
 def set_site(model, site, module):
-    """Put `module` at a norm site named as in model.diagnostics.norm_sites ("block2.mlp", "final")."""
+    """Put `module` at a norm site named as in model.diagnostics.norm_sites ("block2.mlp", "block0.q", "final")."""
     if site == "final":
         model.transformer.ln_f = module
         return
-    block, sublayer = site.split(".")
-    setattr(model.transformer.h[int(block.removeprefix("block"))], {"attn": "ln_1", "mlp": "ln_2"}[sublayer], module)
+    block, suffix = site.split(".")
+    owner, attr = site_slot(model.transformer.h[int(block.removeprefix("block"))], dict(SITE_SLOTS)[suffix])
+    setattr(owner, attr, module)
+
+
+def removable_sites(model):
+    """[(label, [site names], change)] of the sites the probe removes: per block its QK-norm (q and k
+    together) and each output norm."""
+    names = [name for name, _ in norm_sites(model)]
+    groups = []
+    for i in range(len(model.transformer.h)):
+        if f"block{i}.q" in names:
+            groups.append((f"block{i}.qk", [f"block{i}.q", f"block{i}.k"], "QK-norm removed"))
+        groups += [(f"block{i}.{s}", [f"block{i}.{s}"], "output norm removed") for s in ("attn_out", "mlp_out")
+                   if f"block{i}.{s}" in names]
+    return groups
 
 
 @torch.no_grad()
 def probe(model, val_tokens, config, accelerator, center=None):
     """One row per norm site: val loss with that site flipped (or, with center=True/False, set to that
-    state) and Δ against the unchanged model."""
+    state) and Δ against the unchanged model; without center, also one row per removable site group."""
     fused = getattr(model.config, "fused_add_norm", False)
     model.config.fused_add_norm = False  # the fused path calls the norm's own kernel, not the swapped module
     try:
@@ -95,6 +111,17 @@ def probe(model, val_tokens, config, accelerator, center=None):
             change = "same" if target == recenters(norm) else \
                 "mean subtraction removed" if recenters(norm) else "mean subtraction added"
             rows.append({"site": site, "norm": type(norm).__name__, "recenters": recenters(norm), "change": change,
+                         "val_loss": loss, "base_val_loss": base, "delta": loss - base})
+        modules = dict(norm_sites(model))
+        for label, sites, change in ([] if center is not None else removable_sites(model)):
+            for site in sites:
+                set_site(model, site, nn.Identity())
+            try:
+                loss = evaluate(model, val_tokens, config, accelerator)
+            finally:
+                for site in sites:
+                    set_site(model, site, modules[site])
+            rows.append({"site": label, "norm": type(modules[sites[0]]).__name__, "recenters": None, "change": change,
                          "val_loss": loss, "base_val_loss": base, "delta": loss - base})
     finally:
         model.config.fused_add_norm = fused

@@ -38,7 +38,8 @@ SAMPLE_FILES = (WEIGHTS, CONFIG, TOKENIZER, META)  # what sampling needs; a resu
 WRAPPER_PREFIXES = ("_orig_mod.", "module.")  # added by torch.compile and DDP
 # Keys that change the model's parameters or wiring: a resume may not change them.
 ARCHITECTURE_KEYS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias", "norm", "attn_norm",
-                     "mlp_norm", "final_norm", "block_norms", "norm_position", "norm_gain", "prms_fraction")
+                     "mlp_norm", "final_norm", "block_norms", "norm_position", "norm_gain", "prms_fraction",
+                     "qk_norm", "block_positions", "output_norm", "dyt_alpha")
 
 
 def clean_state_dict(state_dict):

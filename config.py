@@ -37,7 +37,13 @@ class Config:
     mlp_norm: str = ""            # override the MLP-sublayer norm of every block ("" = norm)
     final_norm: str = ""          # the norm before the output head ("" = norm)
     block_norms: str | list = ""  # per block: "layernorm*2,rmsnorm*2"; "layernorm/rmsnorm" = attn/mlp pair
-    norm_position: str = "pre"    # "pre" (GPT-2, nanoGPT) or "post" (original Transformer)
+    norm_position: str = "pre"    # "pre" (GPT-2), "post" (original Transformer), "peri" (norm on the input AND
+                                  # the output of each sublayer: Peri-LN, Gemma's sandwich) or "output" (only on
+                                  # the sublayer output: OLMo 2's reordered norm); see model/gpt.py
+    block_positions: str | list = ""  # per block, as block_norms: "post*2,pre*2" (Mix-LN); "" = norm_position
+    output_norm: str = ""         # the norm on sublayer outputs ("peri"/"output" blocks); "" = the sublayer's norm
+    qk_norm: str = ""             # a norm on queries and keys per head, gains of size head_dim ("" = none)
+    dyt_alpha: float = 0.5        # initial alpha of the "dyt" norm, gamma * tanh(alpha * x) + beta
     norm_eps: float = 1e-5        # explicit, never a library default
     norm_gain: bool = True        # learnable gain in every norm
     prms_fraction: float = 0.0625  # pRMSNorm: share of features the RMS is estimated from
@@ -77,6 +83,8 @@ class Config:
     eval_windows: int = 320       # the FIXED validation set: this many context windows, whatever the batch size
     log_interval: int = 10
     keep_checkpoints: int = 2
+    z_loss: float = 0.0           # coefficient of the auxiliary loss mean(log(Z)^2) on the output softmax
+                                  # (Wortsman et al. 2023; OLMo 2: 1e-5); logged as train_z_loss
     max_bad_steps: int = 5        # stop after this many non-finite (skipped) steps in a row
     diagnostics: bool = False     # per-layer norm statistics at eval steps -> diagnostics.jsonl (model/diagnostics.py)
     # --- experiment trackers (through accelerate; each is an optional package) ---
@@ -110,18 +118,19 @@ class Config:
             "warmup_steps": self.warmup_steps >= 0, "weight_decay": self.weight_decay >= 0,
             "beta1": 0 <= self.beta1 < 1, "beta2": 0 <= self.beta2 < 1, "grad_clip": self.grad_clip >= 0,
             "hf_max_documents": self.hf_max_documents >= 0, "prepare_workers": self.prepare_workers >= 0,
-            "tokenizer_train_bytes": self.tokenizer_train_bytes > 0,
+            "tokenizer_train_bytes": self.tokenizer_train_bytes > 0, "dyt_alpha": self.dyt_alpha > 0,
+            "z_loss": self.z_loss >= 0,
         }
         ranges = {"dropout": "[0, 1)", "val_fraction": "(0, 1)", "prms_fraction": "(0, 1]", "norm_eps": "> 0",
                   "learning_rate": "> 0", "min_lr": "[0, learning_rate]", "beta1": "[0, 1)", "beta2": "[0, 1)",
-                  "tokenizer_train_bytes": "> 0"}
+                  "tokenizer_train_bytes": "> 0", "dyt_alpha": "> 0"}
         for name, ok in checks.items():
             if not ok:
                 raise UserError(f"{name} = {getattr(self, name)} is out of range; valid: {ranges.get(name, '>= 0')}")
         for name in self.tracker_names():
             if name not in TRACKERS:
                 raise UserError(f"trackers: {name!r} is not a tracker; choose from {', '.join(TRACKERS)}")
-        choices = {"norm_position": ("pre", "post"), "mixed_precision": ("no", "bf16", "fp16"),
+        choices = {"norm_position": ("pre", "post", "peri", "output"), "mixed_precision": ("no", "bf16", "fp16"),
                    "device": ("auto", "cpu")}
         for name, valid in choices.items():
             if getattr(self, name) not in valid:

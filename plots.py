@@ -44,7 +44,10 @@ def plot_loss_curves(curves, path_step, path_time, title=""):
 
 HEATMAPS = [("input_rms", "RMS of norm input", "sites"), ("offset_ratio", "|mean| / rms of norm input", "sites"),
             ("mean_share", "mean² / mean(x²) of norm input", "sites"), ("resid_rms", "residual RMS after block", "blocks"),
-            ("grad_norm", "gradient norm per block", "blocks")]
+            ("grad_norm", "gradient norm per block", "blocks"), ("attn_max_logit", "max attention logit", "blocks"),
+            ("attn_entropy", "mean attention entropy (nats)", "blocks"),
+            ("act_ratio", "max / median |activation| after block", "blocks"), ("log_z", "mean log Z of output logits", "output")]
+PANELS_PER_ROW = 5
 
 
 def average_diagnostics(runs):
@@ -54,8 +57,8 @@ def average_diagnostics(runs):
     mean = []
     for step in steps:
         entry = {"step": step, "sites": by_step[0][step]["sites"]}
-        for key, _, _ in HEATMAPS:
-            values = [b[step][key] for b in by_step if b[step][key] is not None]
+        for key, _, _ in HEATMAPS:  # rows written before a diagnostic existed lack its key
+            values = [b[step].get(key) for b in by_step if b[step].get(key) is not None]
             entry[key] = np.mean(values, axis=0).tolist() if values else None
         mean.append(entry)
     return mean
@@ -63,16 +66,21 @@ def average_diagnostics(runs):
 
 def plot_diagnostics(rows, path, title=""):
     """Heatmaps (layer x eval step) of every diagnostic in rows (diagnostics.jsonl, or a seed mean)."""
-    fig, axes = plt.subplots(1, len(HEATMAPS), figsize=(3.3 * len(HEATMAPS), 3.2), dpi=80)
+    n_rows = -(-len(HEATMAPS) // PANELS_PER_ROW)
+    fig, axes = plt.subplots(n_rows, PANELS_PER_ROW, figsize=(3.3 * PANELS_PER_ROW, 3.2 * n_rows), dpi=80,
+                             squeeze=False)
+    for ax in axes.flat[len(HEATMAPS):]:
+        ax.set_axis_off()
     steps = [r["step"] for r in rows]
-    for ax, (key, label, kind) in zip(axes, HEATMAPS):
-        present = [r for r in rows if r[key] is not None]  # grad_norm is null before the first step
+    for ax, (key, label, kind) in zip(axes.flat, HEATMAPS):
+        present = [r for r in rows if r.get(key) is not None]  # grad_norm is null before the first step
         if not present:
             ax.set_axis_off()
             continue
-        grid = np.array([r[key] for r in present]).T  # rows: sites or blocks, columns: eval steps
+        # rows: sites, blocks or the one output row; columns: eval steps
+        grid = np.array([np.atleast_1d(r[key]) for r in present], dtype=float).T
         image = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
-        names = rows[0]["sites"] if kind == "sites" else [f"block{i}" for i in range(grid.shape[0])]
+        names = {"sites": rows[0]["sites"], "output": ["logits"]}.get(kind, [f"block{i}" for i in range(grid.shape[0])])
         ax.set_yticks(range(len(names)), names, fontsize=7)
         ticks = range(0, len(present), -(-len(present) // 5))  # at most 5 labels, evenly spaced
         ax.set_xticks(ticks, [present[i]["step"] for i in ticks], fontsize=7)
@@ -89,14 +97,43 @@ def plot_probe(rows, path, title=""):
     """Horizontal bars: change in val loss when each norm site's re-centering is flipped."""
     fig, ax = plt.subplots(figsize=(6.4, 0.35 * len(rows) + 1.2), dpi=100)
     labels = [f"{r['site']} ({r['norm']})" for r in rows]
-    colors = ["tab:blue" if r["recenters"] else "tab:orange" for r in rows]
+    colors = ["tab:gray" if r["recenters"] is None else "tab:blue" if r["recenters"] else "tab:orange" for r in rows]
     ax.barh(range(len(rows)), [r["delta"] for r in rows], color=colors)
     ax.set_yticks(range(len(rows)), labels, fontsize=8)
     ax.invert_yaxis()
     ax.axvline(0, color="black", linewidth=0.8)
     ax.set_xlabel("Δ val loss when the site is flipped (nats/token)")
-    ax.set_title(f"{title}\nblue: re-centering removed, orange: re-centering added", fontsize=9)
+    ax.set_title(f"{title}\nblue: re-centering removed, orange: re-centering added, gray: site removed", fontsize=9)
     ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_loss_vs_sweep(summary, values, path, title=""):
+    """Final val loss against the swept value, one line per variant (sweeps.summarize_sweep): the mean
+    over seeds of min(final, initial) loss, diverged runs counted at the initial loss (an x marks a
+    value where some seed diverged). Log x-axis when every value is a positive number."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=100)
+    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    xs = values if numeric else list(range(len(values)))
+    for s in summary:
+        points = [(x, s["capped_means"][v], s["values"][v]["n_diverged"]) for x, v in zip(xs, values)
+                  if v in s["capped_means"]]
+        if not points:
+            continue
+        line, = ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=s["variant"])
+        bad = [p for p in points if p[2]]
+        ax.scatter([p[0] for p in bad], [p[1] for p in bad], marker="x", s=80, color=line.get_color(), zorder=3)
+    if numeric and all(v > 0 for v in values):
+        ax.set_xscale("log")
+    if not numeric:
+        ax.set_xticks(xs, [str(v) for v in values])
+    ax.set_xlabel(summary[0]["key"] if summary else "")
+    ax.set_ylabel("final val loss (nats/token)")
+    ax.set_title(f"{title}: final val loss (diverged = initial loss, marked x)", fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

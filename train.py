@@ -27,6 +27,7 @@ from data.batches import TrainBatches, validation_batches
 from data.prepare import check_data_size, prepare_data
 from model import GPT, check_model_config
 from model.diagnostics import Diagnostics
+from model.gpt import z_loss
 from runlog import RunLog, run_folder_lock
 
 
@@ -223,12 +224,16 @@ def _train(config, resume, log, accelerator):
             group["lr"] = lr
         t0 = time.perf_counter()
         step_loss = torch.zeros((), device=accelerator.device)
+        step_z_loss = torch.zeros((), device=accelerator.device)  # the auxiliary term, logged apart from the CE
         for _ in range(config.grad_accum):
             x, y = batches.next(accelerator.device)
             with accelerator.accumulate(model):  # all-reduces gradients on the last micro-step only
-                _, loss = model(x, y)
-                accelerator.backward(loss)  # divides by grad_accum itself
+                logits, loss = model(x, y)
+                aux = config.z_loss * z_loss(logits) if config.z_loss else None
+                accelerator.backward(loss if aux is None else loss + aux)  # divides by grad_accum itself
             step_loss += loss.detach().float() / config.grad_accum
+            if config.z_loss:
+                step_z_loss += aux.detach().float() / config.grad_accum
         # once per optimizer step, on synced gradients; with grad_clip = 0 this only measures the norm
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.grad_clip or float("inf"))
         if step_is_finite(step_loss, grad_norm, config, accelerator):
@@ -258,11 +263,12 @@ def _train(config, resume, log, accelerator):
         is_eval = step % config.eval_interval == 0 or step == config.max_steps
         if step % config.log_interval == 0 or is_eval:
             train_loss = accelerator.reduce(step_loss, reduction="mean").item()
+            aux_log = {"train_z_loss": accelerator.reduce(step_z_loss, reduction="mean").item()} if config.z_loss else {}
             val_loss = evaluate(model, val_tokens, config, accelerator) if is_eval else None
             if val_loss is not None:
                 state["best_val_loss"] = min(state["best_val_loss"], val_loss)
             tokens_per_s = interval_tokens / interval_time
-            record(step=step, train_loss=train_loss, val_loss=val_loss, lr=lr, tokens_seen=state["tokens_seen"],
+            record(step=step, train_loss=train_loss, **aux_log, val_loss=val_loss, lr=lr, tokens_seen=state["tokens_seen"],
                    elapsed_s=round(state["elapsed_s"], 4), tokens_per_s=round(tokens_per_s, 1),
                    skipped_steps=state["skipped_steps"])
             postfix = {"loss": f"{train_loss:.3f}", "tok/s": f"{tokens_per_s:,.0f}"}

@@ -12,13 +12,32 @@ Measured at eval steps when `config.diagnostics` is on; train.py writes one JSON
     grad_norm    per block: L2 norm of the block's parameter gradients at the latest optimizer step,
                  as the optimizer saw them (after clipping; clipping scales every block alike, so the
                  profile over depth is unchanged), null before the first step
+    attn_max_logit  per block: the largest pre-softmax attention logit q.k/sqrt(head_dim) over heads and
+                 positions, causally masked entries excluded (its growth is the high-LR instability
+                 QK-norm stops: Wortsman et al. 2023, Dehghani et al. 2023)
+    attn_entropy per block: mean over heads and query positions of the attention distribution's entropy
+                 in nats (log k for uniform attention over k keys; 0 when each query sees one key)
+    act_ratio    per block: max |x| / median |x| over the residual stream after the block (massive
+                 activations, Sun et al. 2024)
+    log_z        the output logits' log-normaliser logsumexp(logits), averaged over tokens (what z_loss
+                 pulls towards 0)
+
+Sites are "blockN.attn", "blockN.mlp" (the sublayers' input norms, or their post-add norms in post-norm
+blocks), "blockN.q", "blockN.k" (qk_norm), "blockN.attn_out", "blockN.mlp_out" (output norms of peri
+and output blocks) and "final"; a block lists only the sites it has.
 
 The statistics are pure functions of a tensor (tested on hand-made inputs); the collector runs ONE
 extra forward pass in eval mode on a batch the caller gives (train.py: the first batch of the fixed
 validation windows), with hooks that exist only for that pass, so training itself is untouched (no
-RNG is drawn, no hook slows the training steps).
+RNG is drawn, no hook slows the training steps). The attention statistics need explicit scores, which
+the fused attention kernel never forms: for that pass only, each attention layer keeps its q and k
+(CausalSelfAttention.keep_qk) and the scores are recomputed here.
 """
+import math
+
 import torch
+
+from model.norms import upcast
 
 
 def token_stats(x):
@@ -44,30 +63,78 @@ def grad_norm(parameters):
     return torch.linalg.vector_norm(torch.stack(norms)) if norms else None
 
 
+def attention_entropy(probs):
+    """Mean entropy in nats of attention rows probs (..., queries, keys), each summing to 1; a 0
+    probability adds 0 (the limit of p log p), so masked keys count for nothing."""
+    probs = probs.double()
+    plogp = torch.where(probs > 0, probs * probs.clamp_min(1e-300).log(), torch.zeros_like(probs))
+    return (-plogp.sum(-1)).mean().item()
+
+
+def attention_stats(q, k):
+    """(max logit, mean entropy) of causal self-attention with queries q and keys k (B, heads, T, head_dim)."""
+    T, max_logit, entropies = q.size(-2), -math.inf, []
+    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    for qb, kb in zip(q, k):  # one sequence at a time: (heads, T, T) scores, not (B, heads, T, T)
+        scores = upcast(qb) @ upcast(kb).transpose(-2, -1) / math.sqrt(q.size(-1))
+        scores = scores.masked_fill(~causal, float("-inf"))
+        max_logit = max(max_logit, scores.max().item())
+        entropies.append(attention_entropy(scores.softmax(-1)))
+    return max_logit, sum(entropies) / len(entropies)
+
+
+def activation_ratio(x):
+    """max |x| / median |x| over all entries of x: how far the largest activation stands out."""
+    a = x.detach().double().abs().flatten()
+    return (a.max() / a.median().clamp_min(torch.finfo(torch.float64).tiny)).item()
+
+
+SITE_SLOTS = [("attn", "ln_1"), ("q", "attn.q_norm"), ("k", "attn.k_norm"), ("attn_out", "ln_1_out"),
+              ("mlp", "ln_2"), ("mlp_out", "ln_2_out")]  # (site suffix, attribute path in a Block), forward order
+
+
 def norm_sites(model):
     """[(site name, norm module)] for every norm site of a GPT, in forward order."""
     sites = []
     for i, block in enumerate(model.transformer.h):
-        sites += [(f"block{i}.attn", block.ln_1), (f"block{i}.mlp", block.ln_2)]
+        for suffix, path in SITE_SLOTS:
+            owner, attr = site_slot(block, path)
+            if getattr(owner, attr) is not None:
+                sites.append((f"block{i}.{suffix}", getattr(owner, attr)))
     return sites + [("final", model.transformer.ln_f)]
+
+
+def site_slot(block, path):
+    """(module, attribute) that holds the norm at `path` ("ln_1", "attn.q_norm") of a block."""
+    owner, _, attr = path.rpartition(".")
+    return (getattr(block, owner) if owner else block), attr
 
 
 @torch.no_grad()
 def collect(model, x):
     """Norm-input statistics and residual RMS for one forward pass of `model` on tokens x."""
-    inputs, resid = {}, []
+    inputs, resid, ratios = {}, [], []
     hooks = [module.register_forward_pre_hook(lambda m, args, name=name: inputs.__setitem__(name, token_stats(args[0])))
              for name, module in norm_sites(model)]
-    hooks += [block.register_forward_hook(lambda m, args, out: resid.append(token_stats(out)[0]))
-              for block in model.transformer.h]
+
+    def residual_hook(module, args, out):  # returns None: a forward hook's return value replaces the output
+        resid.append(token_stats(out)[0])
+        ratios.append(activation_ratio(out))
+    hooks += [block.register_forward_hook(residual_hook) for block in model.transformer.h]
+    attentions = [block.attn for block in model.transformer.h]
     was_training, fused = model.training, getattr(model.config, "fused_add_norm", False)
     model.eval()  # no dropout: the statistics describe the model, not one dropout mask
     model.config.fused_add_norm = False  # the fused path bypasses the hooks; unfused is the same math
+    for attn in attentions:
+        attn.keep_qk = True
     try:
-        model(x)
+        logits, _ = model(x)
+        attention = [attention_stats(*attn.last_qk) for attn in attentions]
     finally:
         model.train(was_training)
         model.config.fused_add_norm = fused
+        for attn in attentions:
+            attn.keep_qk, attn.last_qk = False, None
         for h in hooks:
             h.remove()
     names = [name for name, _ in norm_sites(model)]
@@ -75,7 +142,11 @@ def collect(model, x):
             "input_rms": [inputs[n][0] for n in names],
             "offset_ratio": [inputs[n][1] for n in names],
             "mean_share": [inputs[n][2] for n in names],
-            "resid_rms": resid}
+            "resid_rms": resid,
+            "attn_max_logit": [a[0] for a in attention],
+            "attn_entropy": [a[1] for a in attention],
+            "act_ratio": ratios,
+            "log_z": torch.logsumexp(logits.double(), -1).mean().item()}
 
 
 class Diagnostics:

@@ -1,13 +1,19 @@
 """A nanoGPT-style decoder-only transformer whose norm is chosen per block and per sublayer.
 
-Pre-norm block (norm_position = "pre", GPT-2):     Post-norm block ("post", original Transformer):
+Each sublayer f (attention, then MLP) is wrapped by the block's norm position (norm_position, or
+block_positions per block); shown for attention, the MLP is alike with ln_2 / ln_2_out:
 
-    x ──┬─────────────────(+)── x'                     x ──┬──────────────(+)── norm_1 ── x'
-        └─ norm_1 ─ attn ──┘                               └──── attn ─────┘
-    x' ─┬─────────────────(+)── out                    x' ─┬──────────────(+)── norm_2 ── out
-        └─ norm_2 ─ mlp ───┘                               └──── mlp ──────┘
+    "pre" (GPT-2):           x ──┬──────────────────────────(+)── x'
+                                 └─ ln_1 ─ attn ─────────────┘
+    "post" (Transformer):    x ──┬──────────────────────────(+)── ln_1 ── x'
+                                 └───────── attn ────────────┘
+    "peri" (Peri-LN, Gemma): x ──┬──────────────────────────(+)── x'
+                                 └─ ln_1 ─ attn ─ ln_1_out ──┘
+    "output" (OLMo 2):       x ──┬──────────────────────────(+)── x'
+                                 └───────── attn ─ ln_1_out ─┘
 
-The final norm (ln_f) sits before the tied output head in both cases.
+With qk_norm, queries and keys get a norm per head (q_norm, k_norm, gains of size head_dim) after
+the projection. The final norm (ln_f) sits before the tied output head in every case.
 """
 import math
 
@@ -15,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model.norms import check_model_config, make_norm, resolve_norm_stack
+from model.norms import check_model_config, make_norm, resolve_block_positions, resolve_norm_stack
 
 
 class CausalSelfAttention(nn.Module):
@@ -27,12 +33,22 @@ class CausalSelfAttention(nn.Module):
         self.c_proj.is_residual_projection = True
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
+        if config.qk_norm:  # one norm over head_dim, its gains shared by the heads (OLMo 2, Qwen3)
+            self.q_norm = make_norm(config.qk_norm, config.n_embd // config.n_head, config)
+            self.k_norm = make_norm(config.qk_norm, config.n_embd // config.n_head, config)
+        else:
+            self.q_norm = self.k_norm = None
+        self.keep_qk, self.last_qk = False, None  # model/diagnostics.py sets keep_qk for its one pass
 
     def forward(self, x, kv_cache=None):
         """kv_cache: None, or a dict this layer fills with keys/values of all tokens seen so far."""
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head) for t in self.c_attn(x).split(C, dim=2))
+        if self.q_norm is not None:  # normed before caching: cached keys are already normed
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        if self.keep_qk:  # the diagnostics pass only: explicit scores are too slow for training
+            self.last_qk = (q, k)
         past = 0
         if kv_cache is not None:
             if "k" in kv_cache:
@@ -66,20 +82,30 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config, attn_norm, mlp_norm):
+    def __init__(self, config, position, attn_norm, mlp_norm):
         super().__init__()
-        self.post_norm = config.norm_position == "post"
-        self.ln_1 = make_norm(attn_norm, config.n_embd, config)
+        self.position = position
+        has_out = position in ("peri", "output")
+
+        def norm(name, present):  # absent sites are None: no parameters, no checkpoint keys
+            return make_norm(name, config.n_embd, config) if present else None
+        self.ln_1 = norm(attn_norm, position != "output")
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = make_norm(mlp_norm, config.n_embd, config)
+        self.ln_1_out = norm(config.output_norm or attn_norm, has_out)
+        self.ln_2 = norm(mlp_norm, position != "output")
         self.mlp = MLP(config)
+        self.ln_2_out = norm(config.output_norm or mlp_norm, has_out)
 
     def forward(self, x, kv_cache=None):
-        if self.post_norm:
-            x = self.ln_1(x + self.attn(x, kv_cache))
-            return self.ln_2(x + self.mlp(x))
-        x = x + self.attn(self.ln_1(x), kv_cache)
-        return x + self.mlp(self.ln_2(x))
+        x = self.residual(x, lambda h: self.attn(h, kv_cache), self.ln_1, self.ln_1_out)
+        return self.residual(x, self.mlp, self.ln_2, self.ln_2_out)
+
+    def residual(self, x, sublayer, norm_in, norm_out):
+        """x plus the sublayer's output, with the norms of this block's position (module docstring)."""
+        if self.position == "post":
+            return norm_in(x + sublayer(x))
+        h = sublayer(x if norm_in is None else norm_in(x))
+        return x + (h if norm_out is None else norm_out(h))
 
     def forward_fused(self, x, delta, kv_cache=None):
         """forward()'s pre-norm math for config.fused_add_norm. It takes and returns (x, delta):
@@ -109,12 +135,13 @@ class GPT(nn.Module):
         super().__init__()
         self.config = check_model_config(config)
         block_norms, final_norm = resolve_norm_stack(config)
-        self.norm_stack = block_norms, final_norm
+        positions = resolve_block_positions(config)
+        self.norm_stack = block_norms, final_norm, positions
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             wpe=nn.Embedding(config.block_size, config.n_embd),
             drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList([Block(config, a, m) for a, m in block_norms]),
+            h=nn.ModuleList([Block(config, p, a, m) for p, (a, m) in zip(positions, block_norms)]),
             ln_f=make_norm(final_norm, config.n_embd, config),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -136,10 +163,26 @@ class GPT(nn.Module):
 
     def describe_norms(self):
         """One line per norm site group, so a run's log shows the stack that was trained."""
-        blocks, final = self.norm_stack
-        lines = [f"norm stack ({self.config.norm_position}-norm, eps={self.config.norm_eps}):"]
-        lines += [f"  block {i}: attn={a} mlp={m}" for i, (a, m) in enumerate(blocks)]
+        blocks, final, positions = self.norm_stack
+        c = self.config
+        kind = "per-block positions" if c.block_positions else f"{c.norm_position}-norm"
+        lines = [f"norm stack ({kind}, eps={c.norm_eps}):"]
+        for i, ((a, m), position) in enumerate(zip(blocks, positions)):
+            line = f"  block {i}: attn={a} mlp={m}"
+            if position == "output":  # no input norms: the sublayer norms sit on the outputs only
+                line = f"  block {i}:"
+            if position in ("peri", "output"):
+                line += f" attn_out={c.output_norm or a} mlp_out={c.output_norm or m}"
+            if c.block_positions:
+                line += f" ({position})"
+            if c.qk_norm:
+                line += f" q,k={c.qk_norm}"
+            lines.append(line)
         lines.append(f"  final: {final}")
+        if "dyt" in {n for pair in blocks for n in pair} | {final, c.qk_norm, c.output_norm}:
+            lines.append(f"  dyt: alpha initialised to {c.dyt_alpha}")
+        if c.z_loss:
+            lines.append(f"  z_loss: {c.z_loss:g} * mean(log Z^2) added to the training loss")
         return "\n".join(lines)
 
     def num_params(self):
@@ -192,6 +235,12 @@ class GPT(nn.Module):
             if on_token is not None:
                 on_token(next_token)
         return idx
+
+
+def z_loss(logits):
+    """mean(log(Z)^2) over tokens, Z the softmax normaliser of each row of logits: the auxiliary
+    loss that keeps log Z near 0, so the output logits cannot drift (Wortsman et al. 2023)."""
+    return torch.logsumexp(logits.float(), dim=-1).pow(2).mean()
 
 
 def sample_next(logits, temperature, top_k, top_p, generator=None):

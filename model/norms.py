@@ -102,6 +102,30 @@ class ScaleNorm(nn.Module):
         return (xf * factor).to(x.dtype)
 
 
+class DyT(nn.Module):
+    """Dynamic Tanh (Zhu et al. 2025): gamma * tanh(alpha * x) + beta, with ONE learned scalar alpha
+    (initialised to config.dyt_alpha) and gamma, beta per feature. No statistics at all: it bounds its
+    output without normalizing it, the "no norm, but bounded" control. With norm_gain = false it learns
+    nothing, as the other norms then do: tanh(alpha * x) with alpha fixed, no gamma, no beta."""
+
+    def __init__(self, dim, config):
+        super().__init__()
+        alpha = torch.tensor(float(config.dyt_alpha))
+        if config.norm_gain:
+            self.alpha = nn.Parameter(alpha)
+            self.weight, self.bias = nn.Parameter(torch.ones(dim)), nn.Parameter(torch.zeros(dim))
+        else:
+            self.register_buffer("alpha", alpha)
+            self.weight = self.bias = None
+
+    def forward(self, x):
+        xf = upcast(x)
+        y = torch.tanh(self.alpha.to(xf.dtype) * xf)
+        if self.weight is not None:
+            y = y * self.weight.to(xf.dtype) + self.bias.to(xf.dtype)
+        return y.to(x.dtype)
+
+
 class Identity(nn.Module):
     """No normalization at all, for ablations."""
 
@@ -118,6 +142,7 @@ NORMS = {
     "triton_rmsnorm": TritonRMSNorm,
     "prmsnorm": PartialRMSNorm,
     "scalenorm": ScaleNorm,
+    "dyt": DyT,
     "none": Identity,
 }
 
@@ -132,12 +157,9 @@ def make_norm(name, dim, config):
     return NORMS[check_norm_name(name, "norm")](dim, config)
 
 
-def parse_block_norms(spec, n_layer):
-    """Expand block_norms into one (attn_norm, mlp_norm) pair per block.
-
-    Accepts a compact string "layernorm*2,rmsnorm*2" (a "/" pairs the attention and MLP norms:
-    "layernorm/rmsnorm") or a TOML list whose entries are names or [attn, mlp] pairs.
-    """
+def expand_per_block(spec, n_layer, key):
+    """Expand a per-block spec into one entry per block: a compact string "a*2,b*2" or a TOML list.
+    Entries are returned as given (strings, or lists for block_norms' [attn, mlp] pairs)."""
     entries = []
     items = [s.strip() for s in spec.split(",") if s.strip()] if isinstance(spec, str) else spec
     for item in items:
@@ -145,8 +167,22 @@ def parse_block_norms(spec, n_layer):
         if isinstance(item, str) and "*" in item:
             item, _, times = item.partition("*")
             if not times.strip().isdigit() or int(times) < 1:
-                raise UserError(f"block_norms entry {item}*{times}: the repeat count must be a positive integer")
+                raise UserError(f"{key} entry {item}*{times}: the repeat count must be a positive integer")
             count = int(times)
+        entries.extend([item.strip() if isinstance(item, str) else item] * count)
+    if len(entries) != n_layer:
+        raise UserError(f"{key} describes {len(entries)} blocks but n_layer is {n_layer}; give one entry per block")
+    return entries
+
+
+def parse_block_norms(spec, n_layer):
+    """Expand block_norms into one (attn_norm, mlp_norm) pair per block.
+
+    Accepts a compact string "layernorm*2,rmsnorm*2" (a "/" pairs the attention and MLP norms:
+    "layernorm/rmsnorm") or a TOML list whose entries are names or [attn, mlp] pairs.
+    """
+    pairs = []
+    for item in expand_per_block(spec, n_layer, "block_norms"):
         if isinstance(item, str):
             parts = [p.strip() for p in item.split("/")]
         elif isinstance(item, list) and all(isinstance(p, str) for p in item):
@@ -157,11 +193,22 @@ def parse_block_norms(spec, n_layer):
             parts = parts * 2
         if len(parts) != 2:
             raise UserError(f"block_norms entry {item!r} must name one norm or an attn/mlp pair")
-        pair = tuple(check_norm_name(p, "block_norms") for p in parts)
-        entries.extend([pair] * count)
-    if len(entries) != n_layer:
-        raise UserError(f"block_norms describes {len(entries)} blocks but n_layer is {n_layer}; give one entry per block")
-    return entries
+        pairs.append(tuple(check_norm_name(p, "block_norms") for p in parts))
+    return pairs
+
+
+POSITIONS = ("pre", "post", "peri", "output")
+
+
+def resolve_block_positions(config):
+    """The norm position of every block: block_positions ("post*2,pre*2") > norm_position."""
+    if not config.block_positions:
+        return [config.norm_position] * config.n_layer
+    positions = expand_per_block(config.block_positions, config.n_layer, "block_positions")
+    for p in positions:
+        if p not in POSITIONS:
+            raise UserError(f"block_positions entry {p!r} is not a position; choose one of {', '.join(POSITIONS)}")
+    return positions
 
 
 def resolve_norm_stack(config):
@@ -184,10 +231,21 @@ def check_model_config(config):
     """The checks of a config that need the registry (config.py imports no project module). Call it
     before any data is prepared, so that a bad norm stack fails in the first second."""
     blocks, _ = resolve_norm_stack(config)
+    positions = resolve_block_positions(config)
+    if config.qk_norm:
+        check_norm_name(config.qk_norm, "qk_norm")
+    if config.output_norm:
+        check_norm_name(config.output_norm, "output_norm")
+        if not {"peri", "output"} & set(positions):
+            raise UserError(f"output_norm = {config.output_norm!r} has no site: no block has norm position "
+                            f"'peri' or 'output' (set norm_position or block_positions)")
     if config.fused_add_norm:
         fusable = ("rmsnorm", "triton_rmsnorm")
         other = sorted({n for pair in blocks for n in pair} - set(fusable))
-        if config.norm_position != "pre" or other:
-            why = "norm_position is 'post'" if config.norm_position != "pre" else f"blocks use {', '.join(other)}"
+        not_pre = sorted(set(positions) - {"pre"})
+        if not_pre or other:
+            where = f"norm_position is {config.norm_position!r}" if not config.block_positions else \
+                f"block_positions has {', '.join(not_pre)}"
+            why = where if not_pre else f"blocks use {', '.join(other)}"
             raise UserError(f"fused_add_norm needs pre-norm blocks whose norms are all rmsnorm or triton_rmsnorm; {why}")
     return config

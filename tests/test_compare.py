@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import compare
+import report
 import train as train_module
 from analyze import run_probe
 from config import UserError
@@ -209,6 +210,6 @@ def test_verdict_rule_on_hand_made_losses():
                                     [(v, s, None) for s in seeds for v in losses])
     rows = [{"variant": v, "seed": s, "status": "ok", "final_val_loss": losses[v][i], "tokens_per_s": 1.0,
              "time_to_target_s": None} for i, s in enumerate(seeds) for v in losses]
-    verdicts = {e["variant"]: e["verdict"] for e in compare.summarize(rows, comparison)}
+    verdicts = {e["variant"]: e["verdict"] for e in report.summarize(rows, comparison)}
     assert verdicts == {"base": "baseline", "worse": "higher (worse)", "same": "within seed noise",
                         "spread": "not significant (p ≥ 0.05)"}

@@ -114,3 +114,60 @@ def test_a_site_changed_to_the_same_norm_gives_exactly_zero(mixed_model):
         rows = probe(model, val_tokens, config, accelerator, center=center)
         same = [r for r in rows if r["recenters"] == center]
         assert same and all(r["delta"] == 0.0 and r["change"] == "same" for r in same)
+
+
+def test_attention_entropy_of_hand_made_maps():
+    from model.diagnostics import attention_entropy
+    for k in (1, 2, 5, 16):
+        assert attention_entropy(torch.full((3, k), 1.0 / k)) == pytest.approx(math.log(k))
+    assert attention_entropy(torch.eye(4)) == 0.0  # one-hot rows
+    # rows are averaged: one uniform over 4 keys (with 0s for masked keys), one one-hot
+    assert attention_entropy(torch.tensor([[0.25] * 4, [0.0, 1.0, 0.0, 0.0]])) == pytest.approx(math.log(4) / 2)
+
+
+def test_attention_stats_mask_the_future():
+    from model.diagnostics import attention_stats
+    T = 5
+    q = torch.zeros(1, 1, T, 4)  # all scores 0: query i attends uniformly to its i + 1 keys
+    _, entropy = attention_stats(q, torch.randn(1, 1, T, 4))
+    assert entropy == pytest.approx(sum(math.log(i + 1) for i in range(T)) / T)
+    # a huge score on a FUTURE key (0 sees 4) must not count; the largest causal score is q3.k1 = 3*2/sqrt(4)
+    q, k = torch.zeros(1, 1, T, 4), torch.zeros(1, 1, T, 4)
+    q[0, 0, 0, 0], k[0, 0, 4, 0] = 100.0, 100.0
+    q[0, 0, 3, 1], k[0, 0, 1, 1] = 3.0, 2.0
+    max_logit, _ = attention_stats(q, k)
+    assert max_logit == pytest.approx(3.0)
+
+
+def test_activation_ratio_is_max_over_median():
+    from model.diagnostics import activation_ratio
+    assert activation_ratio(torch.tensor([[1.0, -2.0, 2.0, 100.0, -1.0]])) == pytest.approx(50.0)
+
+
+def test_collect_reports_attention_logits_log_z_and_new_sites(small_model_config):
+    config = small_model_config(norm="rmsnorm", qk_norm="rmsnorm", block_positions="peri,output")
+    model = GPT(config)
+    x = torch.randint(0, config.vocab_size, (2, 8))
+    stats = collect(model, x)
+    assert stats["sites"] == ["block0.attn", "block0.q", "block0.k", "block0.attn_out", "block0.mlp", "block0.mlp_out",
+                              "block1.q", "block1.k", "block1.attn_out", "block1.mlp_out", "final"]
+    assert len(stats["attn_max_logit"]) == len(stats["attn_entropy"]) == len(stats["act_ratio"]) == 2
+    assert all(0 <= e <= math.log(8) for e in stats["attn_entropy"]) and all(r >= 1 for r in stats["act_ratio"])
+    logits, _ = model(x)
+    assert stats["log_z"] == pytest.approx(torch.logsumexp(logits.double(), -1).mean().item())
+    assert not any(a.keep_qk or a.last_qk is not None for a in (b.attn for b in model.transformer.h))
+
+
+def test_probe_removes_qk_norms_and_output_norms(small_model_config):
+    config = small_model_config(norm="rmsnorm", qk_norm="rmsnorm", block_positions="pre,peri", eval_windows=8, batch_size=4)
+    torch.manual_seed(0)
+    model = GPT(config).eval()
+    val_tokens = torch.randint(0, config.vocab_size, (400,)).numpy()
+    rows = probe(model, val_tokens, config, Accelerator(cpu=True))
+    removed = [(r["site"], r["change"]) for r in rows if r["recenters"] is None]
+    assert removed == [("block0.qk", "QK-norm removed"), ("block1.qk", "QK-norm removed"),
+                       ("block1.attn_out", "output norm removed"), ("block1.mlp_out", "output norm removed")]
+    assert all(r["delta"] != 0 for r in rows)
+    # the model is put back as it was
+    assert [name for name, _ in norm_sites(model)][:3] == ["block0.attn", "block0.q", "block0.k"]
+    assert type(model.transformer.h[1].ln_1_out).__name__ == "RMSNorm"
