@@ -92,7 +92,7 @@ def start_trackers(accelerator, config, step):
 def tracker_scalars(entry, diagnostics=None):
     """A metrics.jsonl line (and a diagnostics line) as flat tracker scalars, e.g. val/loss."""
     names = {"train_loss": "train/loss", "val_loss": "val/loss", "lr": "train/lr", "tokens_per_s": "train/tokens_per_s",
-             "skipped_steps": "train/skipped_steps", "tokens_seen": "train/tokens_seen"}
+             "skipped_steps": "train/skipped_steps", "tokens_seen": "train/tokens_seen", "train_z_loss": "train/z_loss"}
     scalars = {names[k]: v for k, v in entry.items() if k in names and v is not None}
     for key, values in (diagnostics or {}).items():
         if isinstance(values, list) and key != "sites":

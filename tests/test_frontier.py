@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from checkpoint import check_resumable
 from config import UserError, save_config

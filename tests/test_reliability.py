@@ -124,7 +124,7 @@ def test_kill_9_inside_the_log_rewrite_of_a_resume_loses_no_history(reference, t
 def test_a_second_process_on_the_same_run_folder_is_refused(reference, tmp_path):
     ref_config, ref_metrics = reference
     config = dataclasses.replace(ref_config, out_dir=str(tmp_path / "shared"))
-    first = start_slow_run(config, TEST_STEP_DELAY=0.05)
+    first = start_slow_run(config, TEST_STEP_DELAY=1.0)  # 30 s: alive while two more processes start
     lock = Path(config.out_dir) / "run.lock"
     wait_for(lambda: lock.exists() and lock.read_text().strip() == str(first.pid), first)
     for resume in (False, True):  # a new run on the same folder, and a resume of it
