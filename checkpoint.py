@@ -18,7 +18,6 @@ short, a file deleted by hand): --resume and sample.py take the newest intact on
 which newer ones they skipped and why. Nothing is deleted for it; a resumed run that reaches the step
 of a skipped checkpoint moves that folder aside to corrupt_step_XXXXXXX before saving its own.
 """
-import hashlib
 import json
 import os
 import random
@@ -31,6 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from config import UserError, config_from_json, save_config
+from data.prepare import file_sha256
 
 WEIGHTS, TRAIN_STATE, CONFIG, TOKENIZER, META = "model.safetensors", "train_state.pt", "config.json", "tokenizer.json", "meta.json"
 MANIFEST = "manifest.json"
@@ -114,14 +114,6 @@ def save_checkpoint(accelerator, run_dir, step, model, optimizer, batches, count
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
-
-
-def file_sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def unused_name(path):
