@@ -16,7 +16,7 @@ save leaves the previous checkpoint intact and never a half-written one under a 
 A checkpoint is checked against its manifest before use (a disk that filled up, a copy that was cut
 short, a file deleted by hand): --resume and sample.py take the newest intact one and say in one line
 which newer ones they skipped and why. Nothing is deleted for it; a resumed run that reaches the step
-of a skipped checkpoint moves that folder aside to corrupt_step_XXXXXXX before saving its own.
+of a skipped checkpoint moves that folder aside to corrupt_step_XXXXXXX.N before saving its own.
 """
 import json
 import os

@@ -35,7 +35,6 @@ second worker, shard or invocation skips a run that is being trained, and a fini
 is never trained again. A shard writes nothing but its runs' folders; `--report` then reads every
 finished run and writes the same outputs as a sequential comparison (only timing columns differ).
 """
-import argparse
 import json
 import os
 import time
@@ -47,7 +46,8 @@ import numpy as np
 
 import sweeps
 from checkpoint import list_checkpoints
-from config import Config, UserError, apply_overrides, check_folder, load_config, read_toml, run_main
+from config import (ArgumentParser, Config, UserError, apply_overrides, check_folder, load_config, read_toml,
+                    run_main)
 from model.norms import check_model_config
 from report import device_name, machine, markdown_table, write_outputs
 from runlog import RunFolderBusy, read_metrics, run_folder_lock, run_folder_owner, write_atomic
@@ -147,6 +147,10 @@ def time_to_target(metrics, target):
     return None if hit is None else hit["elapsed_s"]
 
 
+def new_row(variant, seed, config, status="ok", error=""):
+    return {"variant": variant, "seed": seed, "run_dir": str(config.out_dir), "status": status, "error": error}
+
+
 def finished_row(variant, seed, config):
     """The row a finished run saved (its result.json), or None; a run folder trained with another
     config stops the comparison (its results would be mixed with this one's)."""
@@ -159,14 +163,14 @@ def finished_row(variant, seed, config):
         changed = sorted(k for k, v in config.to_dict().items() if saved_config.get(k) != v)
         raise UserError(f"{config.out_dir} was trained with a different config ({', '.join(changed)}); "
                         f"delete it or give the comparison another out_dir")
-    return {"variant": variant, "seed": seed, "run_dir": config.out_dir, "status": "ok", "error": "", **saved["row"]}
+    return {**new_row(variant, seed, config), **saved["row"]}
 
 
 def run_one(variant, seed, config, target, worker="main", log=print):
     """Train one run unless it is already complete or another process is training it. A failed run
     comes back as a row with status "failed"; only a run folder trained with another config (or
     Ctrl-C) stops the comparison."""
-    row = {"variant": variant, "seed": seed, "run_dir": config.out_dir, "status": "ok", "error": ""}
+    row = new_row(variant, seed, config)
     try:
         with run_folder_lock(config.out_dir):  # held until result.json is written; train() takes it again
             return _run_locked(row, config, target, worker, log)
@@ -226,15 +230,15 @@ def saved_row(variant, seed, config):
     if row is not None:
         return row
     run_dir = Path(config.out_dir)
-    row = {"variant": variant, "seed": seed, "run_dir": str(run_dir), "status": "missing", "error": ""}
     if (run_dir / "error.txt").exists():
         lines = (run_dir / "error.txt").read_text().strip().splitlines()
-        return {**row, "status": "failed", "error": lines[-1] if lines else "see error.txt"}
-    if run_folder_owner(run_dir) is not None:
-        return {**row, "status": "running elsewhere", "error": f"PID {run_folder_owner(run_dir)} holds its run folder"}
+        return new_row(variant, seed, config, "failed", lines[-1] if lines else "see error.txt")
+    owner = run_folder_owner(run_dir)
+    if owner is not None:
+        return new_row(variant, seed, config, "running elsewhere", f"PID {owner} holds its run folder")
     if list_checkpoints(run_dir):
-        return {**row, "status": "interrupted", "error": "has checkpoints; run the comparison again to resume it"}
-    return row
+        return new_row(variant, seed, config, "interrupted", "has checkpoints; run the comparison again to resume it")
+    return new_row(variant, seed, config, "missing")
 
 
 def prepare_once(comparison, log):
@@ -295,11 +299,6 @@ def compare(path, jobs=1, shard=None, report_only=False, log=print):
     return rows, summary
 
 
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):  # one line through run_main instead of argparse's usage dump
-        raise UserError(f"{message}; usage: python compare.py <comparison.toml> [--jobs N | --shard I/N | --report]")
-
-
 def parse_shard(text):
     try:
         i, n = (int(part) for part in text.split("/"))
@@ -311,7 +310,8 @@ def parse_shard(text):
 
 
 def main():
-    p = ArgumentParser(description="Compare norm variants over seeds (see configs/compare_*.toml)")
+    p = ArgumentParser(description="Compare norm variants over seeds (see configs/compare_*.toml)",
+                       hint="; usage: python compare.py <comparison.toml> [--jobs N | --shard I/N | --report]")
     p.add_argument("comparison")
     p.add_argument("--jobs", type=int, default=1, help="local worker processes (one per GPU, or a share of the cores)")
     p.add_argument("--shard", help="I/N: train only runs k with k % N == I (job arrays); no summary")

@@ -4,6 +4,7 @@ Configs are flat TOML files in configs/ (stdlib tomllib); any field can be overr
 line as `--key=value`. Unknown keys, wrong types and invalid values are a `UserError`: one line that
 names the problem and what would be valid. The resolved config is saved into the run directory.
 """
+import argparse
 import dataclasses
 import difflib
 import json
@@ -257,6 +258,18 @@ def config_from_json(path: Path) -> Config:
     if not isinstance(values, dict):
         raise UserError(f"config {str(path)!r} is not a JSON object of config keys")
     return apply_overrides(Config(), values).validate()
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one-line UserErrors (printed by run_main) instead of a usage dump;
+    `hint` is appended to each, e.g. a short usage line."""
+
+    def __init__(self, *args, hint="", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.hint = hint
+
+    def error(self, message):
+        raise UserError(message + self.hint)
 
 
 def run_main(main):

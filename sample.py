@@ -2,7 +2,6 @@
 
     python sample.py runs/default --prompt "def " --num_samples 3 --max_new_tokens 200
 """
-import argparse
 import sys
 from pathlib import Path
 
@@ -10,14 +9,9 @@ import torch
 from tokenizers import Tokenizer
 
 from checkpoint import TOKENIZER, load_model, read_meta
-from config import UserError, run_main
+from config import ArgumentParser, UserError, run_main
 from data.prepare import file_sha256
 from data.tokenizer import end_of_document
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):  # one line through run_main instead of argparse's usage dump
-        raise UserError(message)
 
 
 def parse_args(argv=None):

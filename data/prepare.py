@@ -281,11 +281,10 @@ def check_data_size(prepared, block_size):
 
 
 def main():
-    import argparse
     from dataclasses import replace
 
-    from config import check_folder, load_config
-    parser = argparse.ArgumentParser(description="Build the data cache (tokenizer, train.bin, val.bin) "
+    from config import ArgumentParser, check_folder, load_config
+    parser = ArgumentParser(description="Build the data cache (tokenizer, train.bin, val.bin) "
                                      "for a config's data and print its folder.")
     parser.add_argument("config", help="a TOML config, e.g. configs/default.toml")
     parser.add_argument("--workers", type=int, help="tokenizer processes (default: prepare_workers, 0 = all CPUs)")
