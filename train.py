@@ -41,13 +41,16 @@ def learning_rate(step, config):
 
 @torch.no_grad()
 def evaluate(model, val_tokens, config, accelerator):
-    """Mean loss per token over the fixed validation windows, summed over every process's share."""
+    """Mean loss per token over the fixed validation windows, summed over every process's share.
+    Every process runs the same number of forwards (padded rows carry no loss; data/batches.py)."""
     model.eval()
     total = torch.zeros(2, device=accelerator.device)  # (sum of window losses, number of windows)
-    for x, y in validation_batches(val_tokens, config.block_size, config.batch_size, config.eval_windows,
-                                   accelerator.process_index, accelerator.num_processes, accelerator.device):
-        _, loss = model(x, y)
-        total += torch.stack([loss.float() * len(x), torch.tensor(float(len(x)), device=loss.device)])
+    for x, y, n_real in validation_batches(val_tokens, config.block_size, config.batch_size, config.eval_windows,
+                                           accelerator.process_index, accelerator.num_processes,
+                                           accelerator.device):
+        _, loss = model(x, y)  # the mean over the real windows' tokens
+        if n_real:  # a batch of padding only gives 0/0
+            total += torch.stack([loss.float() * n_real, torch.tensor(float(n_real), device=loss.device)])
     model.train()
     total = accelerator.reduce(total, reduction="sum")
     return (total[0] / total[1]).item()
@@ -166,8 +169,10 @@ def _train(config, resume, log, accelerator):
     log(model.describe_norms())
     log(f"parameters: {model.num_params():,}  |  processes: {accelerator.num_processes}  |  "
         f"device: {accelerator.device}  |  precision: {config.mixed_precision}")
+    # fused AdamW: one kernel for all parameters, and it can skip a step on the device (NonFiniteSteps)
+    fused = accelerator.device.type in FUSED_ADAMW_DEVICES
     optimizer = torch.optim.AdamW(model.optimizer_groups(config.weight_decay), lr=config.learning_rate,
-                                  betas=(config.beta1, config.beta2))
+                                  betas=(config.beta1, config.beta2), fused=fused)
     if config.compile:
         model = torch.compile(model)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -187,12 +192,15 @@ def _train(config, resume, log, accelerator):
     diagnostics = None  # per-layer norm statistics at every eval (config.diagnostics; model/diagnostics.py)
     if config.diagnostics and accelerator.is_main_process:
         # one batch of fixed validation windows, spread over the whole validation split
-        x, _ = next(validation_batches(val_tokens, config.block_size, config.batch_size, config.batch_size,
-                                       device=accelerator.device))
+        x, _, _ = next(validation_batches(val_tokens, config.block_size, config.batch_size, config.batch_size,
+                                          device=accelerator.device))
         diagnostics = Diagnostics(accelerator.unwrap_model(model), optimizer, x)
 
     if config.tracker_names():
         start_trackers(accelerator, config, state["step"])
+    # fp16's grad scaler owns the optimizer's on-device skip flag, so fp16 asks the host every step
+    non_finite = NonFiniteSteps(accelerator.device, state["bad_steps_in_row"], config.max_bad_steps,
+                                on_device=fused and config.mixed_precision != "fp16")
 
     def record(**entry):
         if runlog is not None:
@@ -217,18 +225,20 @@ def _train(config, resume, log, accelerator):
     tokens_per_step = config.batch_size * config.block_size * config.grad_accum * accelerator.num_processes
     progress = tqdm(total=config.max_steps, initial=state["step"], disable=not accelerator.is_local_main_process,
                     desc="train", dynamic_ncols=True)
-    interval_tokens, interval_time, train_loss = 0, 0.0, None
+    # training time runs from one log step's host sync to the next: steps are queued without waiting
+    # for the device, so only a sync says they are done; evaluation and saving are left out
+    interval_tokens, interval_start, train_loss = 0, time.perf_counter(), None
     while state["step"] < config.max_steps:
         lr = learning_rate(state["step"], config)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        t0 = time.perf_counter()
         step_loss = torch.zeros((), device=accelerator.device)
         step_z_loss = torch.zeros((), device=accelerator.device)  # the auxiliary term, logged apart from the CE
         for _ in range(config.grad_accum):
             x, y = batches.next(accelerator.device)
             with accelerator.accumulate(model):  # all-reduces gradients on the last micro-step only
                 logits, loss = model(x, y)
+                batches.prefetch(accelerator.device)  # gathered and copied while the device computes
                 aux = config.z_loss * z_loss(logits) if config.z_loss else None
                 accelerator.backward(loss if aux is None else loss + aux)  # divides by grad_accum itself
             step_loss += loss.detach().float() / config.grad_accum
@@ -236,32 +246,27 @@ def _train(config, resume, log, accelerator):
                 step_z_loss += aux.detach().float() / config.grad_accum
         # once per optimizer step, on synced gradients; with grad_clip = 0 this only measures the norm
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.grad_clip or float("inf"))
-        if step_is_finite(step_loss, grad_norm, config, accelerator):
-            optimizer.step()  # under fp16 the grad scaler skips steps whose gradients overflowed
-            state["bad_steps_in_row"] = 0
-        else:
-            state["skipped_steps"] += 1
-            state["bad_steps_in_row"] += 1
-            if accelerator.is_main_process:
-                progress.write(f"step {state['step'] + 1}: non-finite loss or gradient, optimizer step skipped "
-                               f"({state['bad_steps_in_row']} in a row)")
-            if state["bad_steps_in_row"] >= config.max_bad_steps:
-                last = list_checkpoints(run_dir)
-                raise TrainingDiverged(
-                    f"training stopped at step {state['step'] + 1}: {config.max_bad_steps} non-finite steps in a row; "
-                    f"last good checkpoint: {last[-1] if last else 'none (no checkpoint was saved yet)'}")
+        non_finite.step(optimizer, step_is_finite(step_loss, grad_norm, config, accelerator), state["step"] + 1)
         optimizer.zero_grad(set_to_none=True)
-        step_time = time.perf_counter() - t0
         state["step"] += 1
         state["tokens_seen"] += tokens_per_step
-        state["elapsed_s"] += step_time  # training time only: evaluation and saving excluded
         interval_tokens += tokens_per_step
-        interval_time += step_time
         progress.update(1)
 
         step = state["step"]
         is_eval = step % config.eval_interval == 0 or step == config.max_steps
         if step % config.log_interval == 0 or is_eval:
+            skipped, state["bad_steps_in_row"], stopped_at = non_finite.read()  # syncs; before any checkpoint
+            interval_time = time.perf_counter() - interval_start
+            state["elapsed_s"] += interval_time
+            if skipped and accelerator.is_main_process:
+                progress.write(f"{skipped} of the steps up to {step}: non-finite loss or gradient, optimizer step skipped")
+            state["skipped_steps"] += skipped
+            if stopped_at:
+                last = list_checkpoints(run_dir)
+                raise TrainingDiverged(
+                    f"training stopped at step {stopped_at}: {config.max_bad_steps} non-finite steps in a row; "
+                    f"last good checkpoint: {last[-1] if last else 'none (no checkpoint was saved yet)'}")
             train_loss = accelerator.reduce(step_loss, reduction="mean").item()
             aux_log = {"train_z_loss": accelerator.reduce(step_z_loss, reduction="mean").item()} if config.z_loss else {}
             val_loss = evaluate(model, val_tokens, config, accelerator) if is_eval else None
@@ -275,9 +280,9 @@ def _train(config, resume, log, accelerator):
             if val_loss is not None:
                 postfix["val"] = f"{val_loss:.3f}"
             progress.set_postfix(postfix, refresh=False)
-            interval_tokens, interval_time = 0, 0.0
             if is_eval:
                 checkpoint()
+            interval_tokens, interval_start = 0, time.perf_counter()
     progress.close()
     if val_loss is None:  # resumed a run that had already finished
         val_loss = evaluate(model, val_tokens, config, accelerator)
@@ -296,17 +301,57 @@ def _train(config, resume, log, accelerator):
 
 
 def step_is_finite(step_loss, grad_norm, config, accelerator):
-    """Whether this optimizer step may be taken, decided alike on every process.
+    """Whether this optimizer step may be taken, as a tensor on the device, alike on every process.
 
     Under fp16, overflowing gradients with a finite loss are normal: the grad scaler skips that step
     and lowers its scale, so only a non-finite loss counts as bad there."""
     finite = torch.isfinite(step_loss)
     if config.mixed_precision != "fp16":
         finite = finite & torch.isfinite(grad_norm.to(finite.device))
-    finite = finite.float()
-    if accelerator.num_processes > 1:
-        finite = accelerator.reduce(finite, reduction="mean")  # 1.0 only if finite everywhere
-    return finite.item() == 1.0
+    if accelerator.num_processes > 1:  # 1.0 only if finite everywhere
+        finite = accelerator.reduce(finite.float(), reduction="mean") == 1.0
+    return finite
+
+
+FUSED_ADAMW_DEVICES = ("cuda", "cpu", "xpu", "mps")  # where torch.optim.AdamW(fused=True) has a kernel
+
+
+class NonFiniteSteps:
+    """Skips optimizer steps whose loss or gradient is not finite, without a host sync per step.
+
+    The finite flag stays on the device: fused AdamW takes it as `found_inf` (the protocol torch's
+    grad scaler uses) and leaves weights, moments and step count untouched when it is set. The counts
+    stay on the device too; the host reads them at log steps, where it waits for the device anyway,
+    so a run that went max_bad_steps in a row is stopped at the next log step, before any checkpoint.
+    Without on-device skipping (no fused kernel here, or fp16) the host decides every step."""
+
+    def __init__(self, device, in_row, max_in_row, on_device):
+        self.on_device, self.max_in_row = on_device, max_in_row
+        self.since_read = torch.zeros((), device=device)
+        self.in_row = torch.full((), float(in_row), device=device)
+        self.stopped_at = torch.zeros((), device=device)  # the step that made max_in_row in a row, or 0
+
+    def step(self, optimizer, finite, step):
+        bad = (~finite).float()
+        if self.on_device:
+            inner = optimizer.optimizer  # accelerate's wrapper steps this torch optimizer
+            inner.found_inf = bad
+            try:
+                optimizer.step()
+            finally:
+                del inner.found_inf
+        elif finite.item():
+            optimizer.step()  # under fp16 the grad scaler also skips steps whose gradients overflowed
+        self.since_read += bad
+        self.in_row = (self.in_row + 1) * bad
+        reached = (self.in_row >= self.max_in_row) & (self.stopped_at == 0)
+        self.stopped_at = torch.where(reached, float(step), self.stopped_at)
+
+    def read(self):
+        """(steps skipped since the last read, non-finite steps in a row now, stopped_at): one host sync."""
+        since_read, in_row, stopped_at = (int(v) for v in torch.stack([self.since_read, self.in_row, self.stopped_at]).tolist())
+        self.since_read.zero_()
+        return since_read, in_row, stopped_at
 
 
 def main():

@@ -3,6 +3,9 @@
 Every process draws the SAME global batch (world_size * batch_size windows) from the same seeded
 generator and keeps its own slice, so N processes at batch b see exactly the data that one process
 at batch N*b sees, and the generator's state is one small dict to save and restore for a resume.
+
+On a GPU a batch is copied from pinned memory without blocking, and the trainer asks for the next
+batch (prefetch) while the current step runs, so the host gathers and copies it during the step.
 """
 import numpy as np
 import torch
@@ -15,6 +18,7 @@ class TrainBatches:
         self.tokens, self.block_size, self.batch_size = tokens, block_size, batch_size
         self.rank, self.world_size = rank, world_size
         self.rng = np.random.Generator(np.random.PCG64(seed))
+        self.ready, self.state_before_ready = None, None  # a prefetched batch, and the state that drew it
 
     def next_offsets(self):
         """Start offsets of this process's windows in the next global batch."""
@@ -23,19 +27,33 @@ class TrainBatches:
         return offsets[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
 
     def next(self, device="cpu"):
-        return windows(self.tokens, self.next_offsets(), self.block_size, device)
+        """The next batch (x, y): the prefetched one if there is one."""
+        if self.ready is None:
+            return windows(self.tokens, self.next_offsets(), self.block_size, device)
+        batch, self.ready, self.state_before_ready = self.ready, None, None
+        return batch
+
+    def prefetch(self, device="cpu"):
+        """Draw and copy the next batch now; next() returns it."""
+        if self.ready is None:
+            self.state_before_ready = self.rng.bit_generator.state
+            self.ready = windows(self.tokens, self.next_offsets(), self.block_size, device)
 
     def state_dict(self):
-        return self.rng.bit_generator.state
+        """The generator as of the next batch to hand out: a prefetched batch is drawn again on resume."""
+        return self.state_before_ready if self.ready is not None else self.rng.bit_generator.state
 
     def load_state_dict(self, state):
         self.rng.bit_generator.state = state
+        self.ready, self.state_before_ready = None, None
 
 
 def windows(tokens, offsets, block_size, device="cpu"):
     """Inputs x and next-token targets y for windows starting at `offsets`."""
     rows = np.stack([np.asarray(tokens[o:o + block_size + 1], dtype=np.int64) for o in offsets])
-    batch = torch.from_numpy(rows).to(device)
+    batch = torch.from_numpy(rows)
+    if torch.device(device).type != "cpu":  # pinned: the copy runs asynchronously, the host goes on
+        batch = batch.pin_memory().to(device, non_blocking=True)
     return batch[:, :-1], batch[:, 1:]
 
 
@@ -46,10 +64,27 @@ def validation_offsets(n_tokens, block_size, n_windows):
     return np.linspace(0, max(high, 0), n_windows).round().astype(np.int64)
 
 
+IGNORE = -100  # a target that cross_entropy leaves out of the loss (its default ignore_index)
+
+
 def validation_batches(tokens, block_size, batch_size, n_windows, rank=0, world_size=1, device="cpu"):
-    """This process's share of the fixed validation windows, in batches of up to batch_size
-    (batch i goes to rank i % world_size). The windows do not depend on batch size or process count."""
+    """This process's share of the fixed validation windows, as (x, y, n_real) batches.
+
+    Every process gets the same number of batches of the same shape, whatever n_windows and
+    world_size (under FSDP each forward is a collective: a process with one batch fewer would leave
+    the others waiting). Round r hands each process `rows` consecutive windows, at most batch_size;
+    the last round may leave a process short, so its batch is padded with copies of the first window
+    whose targets are IGNORE, and n_real says how many rows are real. The windows do not depend on
+    batch size or process count."""
     offsets = validation_offsets(len(tokens), block_size, n_windows)
-    starts = range(0, n_windows, batch_size)
-    for i in range(rank, len(starts), world_size):
-        yield windows(tokens, offsets[starts[i]:starts[i] + batch_size], block_size, device)
+    start = 0
+    while start < n_windows:
+        rows = min(batch_size, -(-(n_windows - start) // world_size))  # ceil: no process idles early
+        mine = offsets[start + rank * rows:start + (rank + 1) * rows]
+        n_real = len(mine)
+        x, y = windows(tokens, np.concatenate([mine, np.repeat(offsets[:1], rows - n_real)]), block_size, device)
+        if n_real < rows:  # y is a view into x's rows: clone before masking
+            y = y.clone()
+            y[n_real:] = IGNORE
+        yield x, y, n_real
+        start += rows * world_size

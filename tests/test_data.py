@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from config import UserError, load_config
-from data.batches import TrainBatches, validation_batches
+from data.batches import IGNORE, TrainBatches, validation_batches
 from data.corpus import split_documents, stdlib_documents, stdlib_files
 from data.prepare import END_OF_DOCUMENT, check_data_size, prepare_data
 from repo import ROOT
@@ -133,12 +133,35 @@ def test_two_processes_see_the_batch_one_process_sees():
 
 def test_validation_windows_do_not_depend_on_batch_size_or_processes():
     tokens = np.arange(3000, dtype=np.uint16)
-    def rows(batch_size, rank=0, world_size=1):
-        return [bytes(r) for x, _ in validation_batches(tokens, 16, batch_size, 20, rank, world_size) for r in x.numpy()]
+    def rows(batch_size, rank=0, world_size=1, n_windows=20):
+        return [bytes(x[i].numpy()) for x, _, n_real in validation_batches(tokens, 16, batch_size, n_windows, rank, world_size)
+                for i in range(n_real)]
     once = rows(4)
     assert len(once) == 20 and rows(4) == once
     assert rows(8) == once  # 3 batches (8, 8, 4) hold the same 20 windows
     assert sorted(rows(2, 0, 2) + rows(2, 1, 2)) == sorted(once)
+    for world_size in (2, 3, 7):
+        for batch_size in (1, 3, 16):
+            for n_windows in (1, 5, 20):
+                alone = rows(batch_size, n_windows=n_windows)
+                shared = [r for rank in range(world_size) for r in rows(batch_size, rank, world_size, n_windows)]
+                assert sorted(shared) == sorted(alone), (world_size, batch_size, n_windows)
+
+
+def test_every_process_runs_the_same_validation_forwards_and_padding_carries_no_target():
+    """Under FSDP a process that ran out of validation batches early would leave the others hanging."""
+    tokens = np.arange(3000, dtype=np.uint16)
+    for world_size, batch_size, n_windows in [(8, 16, 800), (2, 4, 5), (3, 2, 1), (4, 8, 33)]:
+        shapes = []
+        for rank in range(world_size):
+            batches = list(validation_batches(tokens, 16, batch_size, n_windows, rank, world_size))
+            shapes.append([tuple(x.shape) for x, _, _ in batches])
+            for x, y, n_real in batches:
+                assert (y[n_real:] == IGNORE).all() and (y[:n_real] != IGNORE).all()
+                assert (x >= 0).all()  # the padding rows are real tokens (the first window), not IGNORE
+        assert all(s == shapes[0] for s in shapes), (world_size, batch_size, n_windows, shapes)
+    assert [n for _, _, n in validation_batches(tokens, 16, 4, 5, rank=1, world_size=2)] == [2]  # 3 + 2 windows
+    assert [n for _, _, n in validation_batches(tokens, 16, 2, 1, rank=2, world_size=3)] == [0]  # padding only
 
 
 @pytest.mark.slow
