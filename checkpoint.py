@@ -2,16 +2,24 @@
 owns their format: train.py calls save_checkpoint / load_checkpoint and names no file in them.
 
 A checkpoint folder holds
-    model.safetensors   weights, keys without "_orig_mod." / "module." (loads into any plain GPT)
-    train_state.pt      optimizer, fp16 grad scaler, data-generator position, step and counters (the
-                        learning rate is a function of the step, so the step is the schedule's state)
-    rng_rank<R>.pt      every RNG state of process R (python, numpy, torch, CUDA)
+    model.safetensors   full weights, keys without "_orig_mod." / "module." (loads into any plain GPT,
+                        whatever the number of processes or the sharding that trained it)
+    state/              accelerate's save_state: optimizer, fp16 grad scaler, every process's RNG
+                        states (random_states_<R>.pkl), the data generator's position and the step
+                        counters (custom_checkpoint_0/1.pkl; the learning rate is a function of the
+                        step). Under FSDP also the sharded weights and optimizer, each process writing
+                        its own shards (torch.distributed.checkpoint); otherwise the weights are the
+                        model.safetensors above, not saved twice.
     config.json         the resolved config the weights belong to
     tokenizer.json      the tokenizer, so the folder alone is enough to sample
     meta.json           step, number of processes, tokenizer and corpus hashes
-    manifest.json       size and sha256 of every other file, written last
+    manifest.json       size and sha256 of every other file (paths relative to the folder), written last
 It is built in a temporary folder and renamed into place only when complete, so a kill during a
-save leaves the previous checkpoint intact and never a half-written one under a real name.
+save leaves the previous checkpoint intact and never a half-written one under a real name. Every
+process writes into it, so with several nodes the run folder must be on a filesystem they share.
+
+Checkpoints saved before state/ existed (train_state.pt and rng_rank<R>.pt instead) still sample and
+analyze; a resume from one is refused in one line.
 
 A checkpoint is checked against its manifest before use (a disk that filled up, a copy that was cut
 short, a file deleted by hand): --resume and sample.py take the newest intact one and say in one line
@@ -20,21 +28,19 @@ of a skipped checkpoint moves that folder aside to corrupt_step_XXXXXXX.N before
 """
 import json
 import os
-import random
 import shutil
 import sys
 from pathlib import Path
 
-import numpy as np
-import torch
 from safetensors.torch import load_file, save_file
 
 from config import UserError, config_from_json, save_config
 from data.prepare import file_sha256
 
-WEIGHTS, TRAIN_STATE, CONFIG, TOKENIZER, META = "model.safetensors", "train_state.pt", "config.json", "tokenizer.json", "meta.json"
+WEIGHTS, STATE, CONFIG, TOKENIZER, META = "model.safetensors", "state", "config.json", "tokenizer.json", "meta.json"
 MANIFEST = "manifest.json"
-SAMPLE_FILES = (WEIGHTS, CONFIG, TOKENIZER, META)  # what sampling needs; a resume also needs TRAIN_STATE and the RNGs
+OLD_TRAIN_STATE = "train_state.pt"  # the format before state/: sampled, never resumed
+SAMPLE_FILES = (WEIGHTS, CONFIG, TOKENIZER, META)  # what sampling needs; a resume needs every file
 WRAPPER_PREFIXES = ("_orig_mod.", "module.")  # added by torch.compile and DDP
 # Keys that change the model's parameters or wiring: a resume may not change them.
 ARCHITECTURE_KEYS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias", "norm", "attn_norm",
@@ -61,29 +67,33 @@ def list_checkpoints(run_dir):
     return sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith("step_"))
 
 
-def rng_state():
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+class Counters(dict):
+    """The run's step, tokens seen, best loss...: a dict that accelerate's save_state keeps."""
+
+    def state_dict(self):
+        return dict(self)
+
+    def load_state_dict(self, saved):
+        self.update(saved)
 
 
-def set_rng_state(state):
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def track_training_state(accelerator, batches, counters):
+    """Register what save_state / load_state keep beside model, optimizer, scaler and RNGs. Outside
+    FSDP the weights live once, in model.safetensors: accelerate's own copy is left out of state/
+    (under FSDP it saves nothing through these hooks; its shards are the resume's weights)."""
+    accelerator.register_for_checkpointing(batches, counters)
+    accelerator.register_save_state_pre_hook(lambda models, weights, state_dir: weights.clear())
+
+    def load_exported_weights(models, state_dir):
+        for model in models:
+            load_weights(accelerator.unwrap_model(model), Path(state_dir).parent / WEIGHTS)
+        models.clear()
+    accelerator.register_load_state_pre_hook(load_exported_weights)
 
 
-def rng_file(rank):
-    return f"rng_rank{rank}.pt"
-
-
-def save_checkpoint(accelerator, run_dir, step, model, optimizer, batches, counters, config, meta, tokenizer_path, keep):
-    """Every process calls this (each saves its RNG states); the main process writes the rest."""
-    train_state = {"optimizer": optimizer.state_dict(), "batches": batches.state_dict(), "counters": dict(counters),
-                   "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None}
+def save_checkpoint(accelerator, run_dir, step, model, config, meta, tokenizer_path, keep):
+    """Every process calls this (save_state writes each one's RNG states, and under FSDP its shards);
+    the main process writes the rest, the manifest last, and renames the folder into place."""
     folder = Path(run_dir) / "checkpoints"
     final = folder / f"step_{step:07d}"
     tmp = folder / f".tmp_step_{step:07d}"
@@ -92,18 +102,18 @@ def save_checkpoint(accelerator, run_dir, step, model, optimizer, batches, count
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    torch.save(rng_state(), tmp / rng_file(accelerator.process_index))
-    state_dict = accelerator.get_state_dict(model)  # gathers shards under FSDP; collective call
-    accelerator.wait_for_everyone()  # every process's RNG file is written before the manifest lists them
+    accelerator.save_state(str(tmp / STATE))  # a collective under FSDP
+    state_dict = accelerator.get_state_dict(model)  # full weights on the main process; a collective under FSDP
+    accelerator.wait_for_everyone()  # every process's files are written before the manifest lists them
     if accelerator.is_main_process:
         save_file(clean_state_dict(state_dict), tmp / WEIGHTS)
-        torch.save(train_state, tmp / TRAIN_STATE)
         save_config(config, tmp / CONFIG)
         shutil.copyfile(tokenizer_path, tmp / TOKENIZER)
         (tmp / META).write_text(json.dumps({"step": step, "num_processes": accelerator.num_processes, **meta}))
-        manifest = {f.name: {"size": f.stat().st_size, "sha256": file_sha256(f)} for f in sorted(tmp.iterdir())}
+        files = sorted(f for f in tmp.rglob("*") if f.is_file())
+        manifest = {f.relative_to(tmp).as_posix(): {"size": f.stat().st_size, "sha256": file_sha256(f)} for f in files}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        for f in tmp.iterdir():  # flush file contents before the rename makes them "the" checkpoint
+        for f in files + [tmp / MANIFEST]:  # flush file contents before the rename makes them "the" checkpoint
             with open(f, "rb+") as fh:
                 os.fsync(fh.fileno())
         if final.exists():  # a checkpoint that a resume skipped as damaged: kept, under another name
@@ -146,7 +156,13 @@ def checkpoint_problem(folder, for_resume):
     if manifest is not None and not (isinstance(manifest, dict) and all(
             isinstance(v, dict) and {"size", "sha256"} <= set(v) for v in manifest.values())):
         return f"{MANIFEST} is malformed"
-    needed = list(SAMPLE_FILES) + ([TRAIN_STATE] + [rng_file(r) for r in ranks] if for_resume else [])
+    if for_resume and ((folder / OLD_TRAIN_STATE).exists() or manifest is None):
+        return (f"it was saved before checkpoints kept accelerate's state/ ({OLD_TRAIN_STATE}); it can be "
+                f"sampled but not resumed here (resume it with normgpt commit fa96f3f or earlier)")
+    needed = list(SAMPLE_FILES)
+    if for_resume:
+        needed += [name for name in manifest if name not in needed]
+        needed += [f"{STATE}/random_states_{r}.pkl" for r in ranks if f"{STATE}/random_states_{r}.pkl" not in needed]
     for name in needed:
         path = folder / name
         if not path.is_file():
@@ -183,18 +199,10 @@ def newest_intact_checkpoint(run_dir, for_resume, log):
     return None
 
 
-def load_checkpoint(folder, accelerator, model, optimizer, batches):
-    """Restore weights, optimizer, grad scaler, batch position and this process's RNG states from a
-    checkpoint folder; returns the saved counters (step, tokens seen, ...)."""
-    folder = Path(folder)
-    saved = torch.load(folder / TRAIN_STATE, weights_only=False)
-    load_weights(accelerator.unwrap_model(model), folder / WEIGHTS)
-    optimizer.load_state_dict(saved["optimizer"])
-    if accelerator.scaler is not None and saved["scaler"] is not None:
-        accelerator.scaler.load_state_dict(saved["scaler"])
-    batches.load_state_dict(saved["batches"])
-    set_rng_state(torch.load(folder / rng_file(accelerator.process_index), weights_only=False))
-    return saved["counters"]
+def load_checkpoint(folder, accelerator):
+    """Restore weights, optimizer, grad scaler, RNG states and the registered batch generator and
+    counters (track_training_state) from a checkpoint folder, on every process."""
+    accelerator.load_state(str(Path(folder) / STATE))
 
 
 def fsync_dir(path):

@@ -15,13 +15,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate import Accelerator
-from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import (broadcast_object_list, is_mlflow_available, is_tensorboard_available,
-                               is_trackio_available, is_wandb_available)
+from torch.distributed.tensor import DTensor
+from accelerate import Accelerator, FullyShardedDataParallelPlugin
+from accelerate.state import AcceleratorState, GradientState, PartialState
+from accelerate.utils import (DistributedType, broadcast_object_list, gather_object, is_mlflow_available,
+                              is_tensorboard_available, is_trackio_available, is_wandb_available)
 from tqdm import tqdm
 
-from checkpoint import check_resumable, list_checkpoints, load_checkpoint, newest_intact_checkpoint, save_checkpoint
+from checkpoint import (Counters, check_resumable, list_checkpoints, load_checkpoint, newest_intact_checkpoint,
+                        save_checkpoint, track_training_state)
 from config import UserError, check_folder, load_config, run_main
 from data.batches import TrainBatches, validation_batches
 from data.prepare import check_data_size, prepare_data
@@ -77,10 +79,22 @@ def make_accelerator(config):
     # accelerate sets up multi-process CPU training (gloo) only when told cpu=True
     several_processes = int(os.environ.get("WORLD_SIZE", "1")) > 1
     use_cpu = config.device == "cpu" or (several_processes and not torch.cuda.is_available())
-    return Accelerator(mixed_precision=config.mixed_precision, cpu=use_cpu,
-                       gradient_accumulation_steps=config.grad_accum,
-                       log_with=config.tracker_names() or None,
-                       project_dir=config.out_dir if config.tracker_names() else None)
+    # `accelerate launch --use_fsdp` (configs/accelerate/fsdp.yaml) sets this; the plugin reads its FSDP_* settings
+    fsdp_on_cpu = use_cpu and several_processes and os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+    plugin = FullyShardedDataParallelPlugin() if fsdp_on_cpu else None
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=use_cpu, fsdp_plugin=plugin,
+                              gradient_accumulation_steps=config.grad_accum,
+                              log_with=config.tracker_names() or None,
+                              project_dir=config.out_dir if config.tracker_names() else None)
+    if fsdp_on_cpu:
+        # accelerate takes FSDP only on accelerators and would quietly train DDP here; its FSDP2 code
+        # runs on CPU with gloo as it is (how the tests run FSDP), once the process-wide state says FSDP
+        # (PartialState's copy too: each new AcceleratorState() reads it back)
+        accelerator.state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+        accelerator.state.fsdp_plugin = plugin
+        if config.mixed_precision != "no":
+            plugin.set_mixed_precision(config.mixed_precision)
+    return accelerator
 
 
 def start_trackers(accelerator, config, step):
@@ -120,6 +134,24 @@ def decided_on_main(accelerator, decide):
     return value
 
 
+def check_shared_run_folder(accelerator, run_dir):
+    """Every process writes into the checkpoint folders: a node that cannot see the run folder would
+    write its part elsewhere and the checkpoint would never be complete. One line instead."""
+    if accelerator.num_processes == 1:
+        return
+    mark = Path(run_dir) / ".visible_to_every_process"
+    token = decided_on_main(accelerator, lambda: (mark.write_text(str(os.getpid())), mark.read_text())[1])
+    accelerator.wait_for_everyone()
+    seen = gather_object([mark.exists() and mark.read_text() == token])
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        mark.unlink()
+    blind = [rank for rank, saw in enumerate(seen) if not saw]
+    if blind:
+        raise UserError(f"processes {blind} cannot see the run folder {str(run_dir)!r}: with several nodes, "
+                        f"out_dir must be on a filesystem every node shares (e.g. NFS or Lustre), at the same path")
+
+
 def train(config, resume=False, log=None):
     """Train (or resume) the run in config.out_dir; returns a summary dict of the run."""
     check_model_config(config)  # a bad norm stack fails here, before any data is prepared
@@ -134,6 +166,7 @@ def train(config, resume=False, log=None):
             # (a new run needs a folder without checkpoints, a resume one with checkpoints)
             take = run_folder_lock(config.out_dir, check=lambda: check_run_folder(config.out_dir, resume))
             decided_on_main(accelerator, lambda: owned.enter_context(take))
+            check_shared_run_folder(accelerator, config.out_dir)
             return _train(config, resume, log or accelerator.print, accelerator)
     finally:
         accelerator.end_training()  # without it, torchrun aborted some multi-process runs at exit
@@ -154,7 +187,6 @@ def check_run_folder(run_dir, resume):
 
 def _train(config, resume, log, accelerator):
     run_dir = Path(config.out_dir)
-    seed_everything(config.seed + accelerator.process_index)  # distinct dropout masks per process
 
     # one process per machine builds a missing data cache; the others poll its folder rather than
     # wait inside a collective, which would time out on a large corpus
@@ -165,10 +197,15 @@ def _train(config, resume, log, accelerator):
         start = Path(decided_on_main(accelerator, lambda: str(newest_intact_checkpoint(run_dir, True, log))))
         check_resumable(start, config, data.tokenizer_hash, accelerator.num_processes)
 
+    # the same initial weights on every process (FSDP shards each process's own copy; nothing
+    # broadcasts them), then a random stream per process: distinct dropout masks
+    seed_everything(config.seed)
     model = GPT(config)
+    seed_everything(config.seed + accelerator.process_index)
     log(model.describe_norms())
+    sharding = "FSDP2" if accelerator.distributed_type == DistributedType.FSDP else "none"
     log(f"parameters: {model.num_params():,}  |  processes: {accelerator.num_processes}  |  "
-        f"device: {accelerator.device}  |  precision: {config.mixed_precision}")
+        f"device: {accelerator.device}  |  precision: {config.mixed_precision}  |  sharding: {sharding}")
     # fused AdamW: one kernel for all parameters, and it can skip a step on the device (NonFiniteSteps)
     fused = accelerator.device.type in FUSED_ADAMW_DEVICES
     optimizer = torch.optim.AdamW(model.optimizer_groups(config.weight_decay), lr=config.learning_rate,
@@ -178,19 +215,21 @@ def _train(config, resume, log, accelerator):
     model, optimizer = accelerator.prepare(model, optimizer)
     batches = TrainBatches(train_tokens, config.block_size, config.batch_size, config.seed,
                            accelerator.process_index, accelerator.num_processes)
-    state = {"step": 0, "tokens_seen": 0, "elapsed_s": 0.0, "best_val_loss": float("inf"),
-             "skipped_steps": 0, "bad_steps_in_row": 0}
-
+    state = Counters(step=0, tokens_seen=0, elapsed_s=0.0, best_val_loss=float("inf"), skipped_steps=0,
+                     bad_steps_in_row=0)
+    track_training_state(accelerator, batches, state)
     if resume:
-        state = load_checkpoint(start, accelerator, model, optimizer, batches)
+        load_checkpoint(start, accelerator)
         log(f"resumed from {start} at step {state['step']}")
 
     runlog = RunLog(run_dir) if accelerator.is_main_process else None
     if runlog is not None:
         runlog.start(config, data.tokenizer_path, state["step"])
 
-    diagnostics = None  # per-layer norm statistics at every eval (config.diagnostics; model/diagnostics.py)
-    if config.diagnostics and accelerator.is_main_process:
+    # per-layer norm statistics at every eval (config.diagnostics; model/diagnostics.py), measured on
+    # every process (under FSDP its forward is a collective), written by the main process
+    diagnostics = None
+    if config.diagnostics:
         # one batch of fixed validation windows, spread over the whole validation split
         x, _, _ = next(validation_batches(val_tokens, config.block_size, config.batch_size, config.batch_size,
                                           device=accelerator.device))
@@ -203,19 +242,20 @@ def _train(config, resume, log, accelerator):
                                 on_device=fused and config.mixed_precision != "fp16")
 
     def record(**entry):
+        measured = None
+        if diagnostics is not None and entry["val_loss"] is not None:
+            measured = diagnostics.measure(entry["step"])
         if runlog is not None:
             runlog.metrics(entry)
-            measured = None
-            if diagnostics is not None and entry["val_loss"] is not None:
-                measured = diagnostics.measure(entry["step"])
+            if measured is not None:
                 runlog.diagnostics(measured)
             if config.tracker_names():
                 accelerator.log(tracker_scalars(entry, measured), step=entry["step"])
 
     def checkpoint():
         meta = {"tokenizer_hash": data.tokenizer_hash, "corpus_hash": data.corpus_hash}
-        save_checkpoint(accelerator, run_dir, state["step"], model, optimizer, batches, state, config, meta,
-                        data.tokenizer_path, config.keep_checkpoints)
+        save_checkpoint(accelerator, run_dir, state["step"], model, config, meta, data.tokenizer_path,
+                        config.keep_checkpoints)
 
     val_loss = None
     if state["step"] == 0:
@@ -306,6 +346,8 @@ def step_is_finite(step_loss, grad_norm, config, accelerator):
     Under fp16, overflowing gradients with a finite loss are normal: the grad scaler skips that step
     and lowers its scale, so only a non-finite loss counts as bad there."""
     finite = torch.isfinite(step_loss)
+    if isinstance(grad_norm, DTensor):  # under FSDP2 the norm of sharded gradients; its value, on the device
+        grad_norm = grad_norm.full_tensor()
     if config.mixed_precision != "fp16":
         finite = finite & torch.isfinite(grad_norm.to(finite.device))
     if accelerator.num_processes > 1:  # 1.0 only if finite everywhere

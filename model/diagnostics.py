@@ -36,6 +36,8 @@ the fused attention kernel never forms: for that pass only, each attention layer
 import math
 
 import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from model.norms import upcast
 
@@ -54,13 +56,15 @@ def token_stats(x):
     return rms.mean().item(), offset_ratio.mean().item(), mean_share.mean().item()
 
 
-def grad_norm(parameters):
-    """L2 norm of all gradients of `parameters` together, as a 0-dim tensor (None without gradients).
+def grad_square_sum(parameters):
+    """Sum of squares of all gradients of `parameters` held by this process, as a 0-dim fp64 tensor
+    (None without gradients); under FSDP that is its shards' part, summed over processes later.
 
     It runs before every optimizer step, so it reads each gradient once (no full-size fp64 copy) and
     leaves the tensor on its device: the host waits for it only when a diagnostics line is written."""
-    norms = [torch.linalg.vector_norm(p.grad.detach()).double() for p in parameters if p.grad is not None]
-    return torch.linalg.vector_norm(torch.stack(norms)) if norms else None
+    local = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad for p in parameters if p.grad is not None]
+    norms = [torch.linalg.vector_norm(g.detach()).double() for g in local]
+    return torch.stack(norms).pow(2).sum() if norms else None
 
 
 def attention_entropy(probs):
@@ -151,18 +155,28 @@ def collect(model, x):
 
 class Diagnostics:
     """Hooked into train(): `Diagnostics(model, optimizer, x)` once, with `model` the unwrapped GPT and
-    x the token batch every measurement uses, then `measure(step)` at every eval -> one log entry."""
+    x the token batch every measurement uses, then `measure(step)` at every eval -> one log entry.
+    Under FSDP (parameters are DTensors) every process must call measure: the forward gathers the
+    sharded weights and the gradient norms are summed over the processes' shards."""
 
     def __init__(self, model, optimizer, x):
         self.model = getattr(model, "_orig_mod", model)  # hooks on the plain module, not a torch.compile wrapper
-        self.x, self.grad_norms = x, None
+        self.x, self.grad_squares = x, None
+        self.sharded = any(isinstance(p, DTensor) for p in self.model.parameters())
         # gradients are gone after optimizer.zero_grad(), so read them just before each real step
         # (accelerate's wrapper only calls the inner optimizer's step when gradients are synced)
         getattr(optimizer, "optimizer", optimizer).register_step_pre_hook(self._read_grads)
 
     def _read_grads(self, optimizer, args, kwargs):
-        self.grad_norms = [grad_norm(block.parameters()) for block in self.model.transformer.h]
+        self.grad_squares = [grad_square_sum(block.parameters()) for block in self.model.transformer.h]
 
     def measure(self, step):
-        grads = None if self.grad_norms is None else [None if g is None else g.item() for g in self.grad_norms]
+        grads = None
+        if self.grad_squares is not None:  # after the first optimizer step
+            have = [g is not None for g in self.grad_squares]
+            squares = torch.stack([g for g in self.grad_squares if g is not None]) if any(have) else None
+            if squares is not None and self.sharded:
+                dist.all_reduce(squares)  # every process holds a shard of every block's gradients
+            norms = iter(squares.sqrt().tolist() if squares is not None else [])
+            grads = [next(norms) if h else None for h in have]
         return {"step": step, **collect(self.model, self.x), "grad_norm": grads}

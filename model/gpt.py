@@ -145,8 +145,13 @@ class GPT(nn.Module):
             ln_f=make_norm(final_norm, config.n_embd, config),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.transformer.wte.weight = self.lm_head.weight  # tied input/output embeddings
+        self.tie_weights()
         self.apply(self._init_weights)
+
+    def tie_weights(self):
+        """Tied input/output embeddings. accelerate's FSDP2 calls this by name after loading sharded
+        weights (fsdp_cpu_ram_efficient_loading), which would otherwise leave lm_head a separate copy."""
+        self.transformer.wte.weight = self.lm_head.weight
 
     def _init_weights(self, module):
         # GPT-2 init: N(0, 0.02), residual projections scaled by 1/sqrt(2 * n_layer) so the

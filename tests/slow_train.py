@@ -7,6 +7,9 @@ process at a chosen moment; the production code has no test hooks.
     TEST_KILL_IN_REWRITE=metrics  the first time a file whose name contains "metrics" is opened for
                                   writing from its start ("w"), write half of what is written to it,
                                   then SIGKILL this process: a kill in the middle of a log rewrite
+    TEST_CWD_BY_RANK=a,b          process R (of a multi-process launch) works in the R-th folder, so
+                                  a relative out_dir is a different folder on each: as on nodes
+                                  without a shared filesystem
 """
 import builtins
 import io
@@ -74,6 +77,10 @@ if kill_in_rewrite:
         return f
 
     io.open = builtins.open = dying_open  # pathlib's write_text opens through io.open
+
+cwd_by_rank = os.environ.get("TEST_CWD_BY_RANK")
+if cwd_by_rank:
+    os.chdir(cwd_by_rank.split(",")[int(os.environ["RANK"])])
 
 if __name__ == "__main__":
     sys.argv = ["train.py"] + sys.argv[1:]

@@ -9,7 +9,7 @@ from accelerate import Accelerator
 
 from analyze import Centered, Uncentered, probe, with_centering
 from model import GPT
-from model.diagnostics import collect, grad_norm, norm_sites, token_stats
+from model.diagnostics import collect, grad_square_sum, norm_sites, token_stats
 from model.norms import LayerNorm, RMSNorm
 from train import train
 
@@ -34,10 +34,10 @@ def test_partial_offset_and_all_zero_token():
     assert token_stats(torch.zeros(2, 4)) == (0.0, 0.0, 0.0)  # no division by zero
 
 
-def test_grad_norm_of_hand_made_gradients():
+def test_grad_square_sum_of_hand_made_gradients():
     a, b, c = (torch.nn.Parameter(torch.zeros(2)) for _ in range(3))
     a.grad, b.grad = torch.tensor([3.0, 0.0]), torch.tensor([0.0, 4.0])
-    assert grad_norm([a, b, c]).item() == pytest.approx(5.0) and grad_norm([c]) is None
+    assert grad_square_sum([a, b, c]).item() == pytest.approx(25.0) and grad_square_sum([c]) is None
 
 
 def test_collect_sees_every_norm_site(small_model_config):

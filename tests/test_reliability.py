@@ -139,10 +139,11 @@ def test_a_second_process_on_the_same_run_folder_is_refused(reference, tmp_path)
 
 
 DAMAGE = {
-    "train_state missing": lambda f: (f / "train_state.pt").unlink(),
-    "train_state truncated": lambda f: (f / "train_state.pt").write_bytes((f / "train_state.pt").read_bytes()[:100]),
-    "rng missing": lambda f: (f / "rng_rank0.pt").unlink(),
-    "rng truncated": lambda f: (f / "rng_rank0.pt").write_bytes(b""),
+    "optimizer missing": lambda f: (f / "state" / "optimizer.bin").unlink(),
+    "optimizer truncated": lambda f: (f / "state" / "optimizer.bin").write_bytes((f / "state" / "optimizer.bin").read_bytes()[:100]),
+    "rng missing": lambda f: (f / "state" / "random_states_0.pkl").unlink(),
+    "rng truncated": lambda f: (f / "state" / "random_states_0.pkl").write_bytes(b""),
+    "counters missing": lambda f: (f / "state" / "custom_checkpoint_1.pkl").unlink(),
     "meta empty": lambda f: (f / "meta.json").write_text(""),
     "config garbage": lambda f: (f / "config.json").write_text("{not json"),
     "weights changed": lambda f: (f / "model.safetensors").write_bytes(
@@ -157,10 +158,10 @@ def test_a_damaged_latest_checkpoint_is_skipped_and_kept(reference, tmp_path, da
     shutil.copytree(ref_config.out_dir, config.out_dir)
     latest = Path(config.out_dir) / "checkpoints" / "step_0000030"
     DAMAGE[damage](latest)
-    damaged_files = {p.name: p.read_bytes() for p in latest.iterdir()}
+    damaged_files = {p.relative_to(latest): p.read_bytes() for p in latest.rglob("*") if p.is_file()}
     lines = []
     # sampling takes the newest intact checkpoint, and names the one it skipped
-    if damage not in ("train_state missing", "train_state truncated", "rng missing", "rng truncated"):
+    if damage not in ("optimizer missing", "optimizer truncated", "rng missing", "rng truncated", "counters missing"):
         _, _, folder = load_model(config.out_dir, log=lines.append)
         assert folder.name == "step_0000020" and len(lines) == 1 and "skipping checkpoint" in lines[0]
     else:  # what sampling needs is intact
@@ -172,21 +173,34 @@ def test_a_damaged_latest_checkpoint_is_skipped_and_kept(reference, tmp_path, da
     assert len(skipped) == 1 and "step_0000030" in skipped[0], lines
     assert_same_metrics(ref_metrics, metrics(config.out_dir))
     kept = Path(config.out_dir) / "checkpoints" / "corrupt_step_0000030.1"
-    assert {p.name: p.read_bytes() for p in kept.iterdir()} == damaged_files
+    assert {p.relative_to(kept): p.read_bytes() for p in kept.rglob("*") if p.is_file()} == damaged_files
     assert [p.name for p in list_checkpoints(config.out_dir)] == ["step_0000020", "step_0000030"]
 
 
-def test_checkpoints_saved_before_manifests_still_load_and_resume(reference, tmp_path):
-    """Checkpoints from before manifest.json existed (otherwise the same format) get the lighter check."""
-    ref_config, ref_metrics = reference
+def as_old_format(folder):
+    """Turn a checkpoint into the layout saved before state/ existed (train_state.pt and rng_rank0.pt
+    beside the weights, no manifest): the files that format check and sampling look at."""
+    shutil.rmtree(folder / "state")
+    (folder / "manifest.json").unlink()
+    torch.save({"optimizer": {}, "batches": {}, "counters": {}, "scaler": None}, folder / "train_state.pt")
+    torch.save({}, folder / "rng_rank0.pt")
+
+
+def test_checkpoints_of_the_old_format_sample_and_refuse_to_resume_in_one_line(reference, tmp_path):
+    ref_config, _ = reference
     config = dataclasses.replace(ref_config, out_dir=str(tmp_path / "old_format"))
     shutil.copytree(ref_config.out_dir, config.out_dir)
     for folder in list_checkpoints(config.out_dir):
-        (folder / "manifest.json").unlink()
-    shutil.rmtree(Path(config.out_dir) / "checkpoints" / "step_0000030")
-    assert load_model(config.out_dir)[2].name == "step_0000020"
-    train(config, resume=True, log=lambda *_: None)
-    assert_same_metrics(ref_metrics, metrics(config.out_dir))
+        as_old_format(folder)
+    assert load_model(config.out_dir)[2].name == "step_0000030"  # sampling and analysis still work
+    before = {p: p.read_bytes() for p in Path(config.out_dir).rglob("*") if p.is_file() and p.name != "run.lock"}
+    with pytest.raises(UserError) as refused:
+        train(config, resume=True, log=lambda *_: None)
+    message = str(refused.value)
+    assert "\n" not in message and message.startswith(f"no intact checkpoint in {str(config.out_dir)!r}")
+    assert "step_0000030: it was saved before checkpoints kept accelerate's state/ (train_state.pt); " \
+           "it can be sampled but not resumed here" in message
+    assert {p: p.read_bytes() for p in Path(config.out_dir).rglob("*") if p.is_file() and p.name != "run.lock"} == before
 
 
 def test_no_intact_checkpoint_is_one_line_and_deletes_nothing(reference, tmp_path):
@@ -207,15 +221,17 @@ def test_no_intact_checkpoint_is_one_line_and_deletes_nothing(reference, tmp_pat
 def test_checkpoint_holds_everything_a_resume_needs(reference):
     config, _ = reference
     folder = list_checkpoints(config.out_dir)[-1]
-    assert sorted(p.name for p in folder.iterdir()) == [
-        "config.json", "manifest.json", "meta.json", "model.safetensors", "rng_rank0.pt", "tokenizer.json", "train_state.pt"]
+    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    assert files == ["config.json", "manifest.json", "meta.json", "model.safetensors", "state/custom_checkpoint_0.pkl",
+                     "state/custom_checkpoint_1.pkl", "state/optimizer.bin", "state/random_states_0.pkl", "tokenizer.json"]
     manifest = json.loads((folder / "manifest.json").read_text())
-    assert sorted(manifest) == sorted(p.name for p in folder.iterdir() if p.name != "manifest.json")
+    assert sorted(manifest) == [f for f in files if f != "manifest.json"]
     assert manifest["meta.json"]["size"] == (folder / "meta.json").stat().st_size
-    state = torch.load(folder / "train_state.pt", weights_only=False)
-    assert {"optimizer", "batches", "counters", "scaler"} <= set(state) and state["counters"]["step"] == 30
-    assert state["optimizer"]["state"]  # AdamW moments are there
-    assert {"python", "numpy", "torch"} <= set(torch.load(folder / "rng_rank0.pt", weights_only=False))
+    counters = torch.load(folder / "state" / "custom_checkpoint_1.pkl", weights_only=True)
+    assert counters["step"] == 30 and counters["skipped_steps"] == 0
+    assert torch.load(folder / "state" / "optimizer.bin", weights_only=True)["state"]  # AdamW moments are there
+    assert {"random_state", "numpy_random_seed", "torch_manual_seed"} <= set(
+        torch.load(folder / "state" / "random_states_0.pkl", weights_only=False))
     meta = json.loads((folder / "meta.json").read_text())
     assert meta["step"] == 30 and len(meta["tokenizer_hash"]) == 64 and len(meta["corpus_hash"]) == 64
     assert not any(k.startswith(("_orig_mod.", "module.")) for k in load_file(folder / "model.safetensors"))
@@ -293,7 +309,7 @@ def test_two_processes_match_one_process_and_resume(tmp_path, shared_cache):
     resumed = tmp_path / "resumed"
     shutil.copytree(tmp_path / "two", resumed)
     shutil.rmtree(resumed / "checkpoints" / "step_0000020")
-    assert sorted(p.name for p in (resumed / "checkpoints" / "step_0000010").glob("rng_rank*")) == \
-        ["rng_rank0.pt", "rng_rank1.pt"]
+    assert sorted(p.name for p in (resumed / "checkpoints" / "step_0000010" / "state").glob("random_states_*")) == \
+        ["random_states_0.pkl", "random_states_1.pkl"]
     launch(2, f"--out_dir={resumed}", "--batch_size=4", *common, "--resume")
     assert_same_metrics(metrics(tmp_path / "two"), metrics(resumed), tol=1e-6)
