@@ -3,6 +3,8 @@
 #   1. tests/test_kernels.py with the kernels compiled (TRITON_INTERPRET=0), not interpreted
 #   2. benchmarks/bench_norms.py: copy bandwidth, then fwd and fwd+bwd of every implementation
 #   3. benchmarks/bench_train_step.py: GPT-2-124M step, each norm variant, eager and compiled
+#   4. benchmarks/bench_trainer.py: train.py's own loop at GPT-2-124M (B=16, T=1024, bf16, compiled,
+#      no accumulation: nanoGPT's bench shape), its current step against the host-synced one before it
 # Usage: benchmarks/gpu_check.sh [OUT_DIR]   (default: $OUT, else benchmarks/results_gpu)
 # Every table lands in OUT_DIR; a failing step is recorded and the next one still runs.
 set -uo pipefail
@@ -34,4 +36,6 @@ run bench_train_step_eager 90 "$PY" benchmarks/bench_train_step.py --modes eager
     --json "$OUT_DIR/bench_train_step_eager.json"
 run bench_train_step_compiled 260 "$PY" benchmarks/bench_train_step.py --modes compiled --rounds 5 --steps 5 \
     --max-seconds 230 --json "$OUT_DIR/bench_train_step_compiled.json"
+run bench_trainer 300 "$PY" benchmarks/bench_trainer.py --rounds 1 --steps 60 --log-interval 20 \
+    --set grad_accum=1 --json "$OUT_DIR/bench_trainer.json"
 exit $status

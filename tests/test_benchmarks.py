@@ -38,3 +38,12 @@ def test_bench_train_step_rejects_an_unknown_variant():
     done = run_cli("benchmarks/bench_train_step.py", "--variants", "rmsnrom")
     assert done.returncode == 2 and "unknown variant(s) rmsnrom; valid: none, layernorm" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_bench_trainer_times_both_steps(tmp_path, shared_cache):
+    out = run_benchmark("benchmarks/bench_trainer.py", "--config", "configs/tiny.toml", "--rounds", "1",
+                        "--steps", "6", "--log-interval", "2", "--set", f"cache_dir={shared_cache}",
+                        "--json", str(tmp_path / "trainer.json"))
+    rows = json.loads((tmp_path / "trainer.json").read_text())
+    assert [row["step"] for row in rows] == ["current", "synced"] and all(row["ms_per_step"] > 0 for row in rows)
+    assert "| current |" in out and "| synced |" in out

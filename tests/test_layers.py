@@ -75,9 +75,9 @@ def test_a_wrong_arrow_is_found(module, source):
 
 
 def test_only_checkpoint_py_spells_checkpoint_file_names():
-    names = {checkpoint.WEIGHTS, checkpoint.TRAIN_STATE, checkpoint.META, checkpoint.rng_file(0)}
+    names = {checkpoint.WEIGHTS, checkpoint.STATE, checkpoint.META, checkpoint.MANIFEST}
     for script in ("train.py", "compare.py", "sample.py", "analyze.py"):
         strings = {node.value for node in ast.walk(ast.parse((ROOT / script).read_text()))
                    if isinstance(node, ast.Constant) and isinstance(node.value, str)}
         assert not strings & names, f"{script} spells {strings & names}: ask checkpoint.py instead"
-        assert not any("rng_rank" in s for s in strings), script
+        assert not any("random_states" in s for s in strings), script
