@@ -6,7 +6,6 @@
 `train(config)` is the whole training loop as a function; compare.py calls it for every variant.
 """
 import math
-import os
 import random
 import sys
 import time
@@ -16,10 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.distributed.tensor import DTensor
-from accelerate import Accelerator, FullyShardedDataParallelPlugin
-from accelerate.state import AcceleratorState, GradientState, PartialState
-from accelerate.utils import (DistributedType, broadcast_object_list, gather_object, is_mlflow_available,
-                              is_tensorboard_available, is_trackio_available, is_wandb_available)
+from accelerate.utils import DistributedType
 from tqdm import tqdm
 
 from checkpoint import (Counters, check_resumable, list_checkpoints, load_checkpoint, newest_intact_checkpoint,
@@ -27,6 +23,7 @@ from checkpoint import (Counters, check_resumable, list_checkpoints, load_checkp
 from config import UserError, check_folder, load_config, run_main
 from data.batches import TrainBatches, validation_batches
 from data.prepare import check_data_size, prepare_data
+from distributed import check_shared_run_folder, decided_on_main, make_accelerator, release_accelerator
 from model import GPT, check_model_config
 from model.diagnostics import Diagnostics
 from model.gpt import z_loss
@@ -68,35 +65,6 @@ class TrainingDiverged(UserError):
     """Too many non-finite steps in a row; the last good checkpoint is kept."""
 
 
-TRACKER_PACKAGES = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available,
-                    "trackio": is_trackio_available, "mlflow": is_mlflow_available}
-
-
-def make_accelerator(config):
-    for name in config.tracker_names():  # accelerate would drop a missing tracker with a warning only
-        if not TRACKER_PACKAGES[name]():
-            raise UserError(f"tracker {name!r} is not installed here; pip install {name}, or leave it out of trackers")
-    # accelerate sets up multi-process CPU training (gloo) only when told cpu=True
-    several_processes = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    use_cpu = config.device == "cpu" or (several_processes and not torch.cuda.is_available())
-    # `accelerate launch --use_fsdp` (configs/accelerate/fsdp.yaml) sets this; the plugin reads its FSDP_* settings
-    fsdp_on_cpu = use_cpu and several_processes and os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
-    plugin = FullyShardedDataParallelPlugin() if fsdp_on_cpu else None
-    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=use_cpu, fsdp_plugin=plugin,
-                              gradient_accumulation_steps=config.grad_accum,
-                              log_with=config.tracker_names() or None,
-                              project_dir=config.out_dir if config.tracker_names() else None)
-    if fsdp_on_cpu:
-        # accelerate takes FSDP only on accelerators and would quietly train DDP here; its FSDP2 code
-        # runs on CPU with gloo as it is (how the tests run FSDP), once the process-wide state says FSDP
-        # (PartialState's copy too: each new AcceleratorState() reads it back)
-        accelerator.state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
-        accelerator.state.fsdp_plugin = plugin
-        if config.mixed_precision != "no":
-            plugin.set_mixed_precision(config.mixed_precision)
-    return accelerator
-
-
 def start_trackers(accelerator, config, step):
     """Trackers named as the config says; a resume drops what a tracker logged after its checkpoint."""
     name = config.tracker_run_name or Path(config.out_dir).name
@@ -118,40 +86,6 @@ def tracker_scalars(entry, diagnostics=None):
     return scalars
 
 
-def decided_on_main(accelerator, decide):
-    """decide() run by the main process only; its result, or its UserError, reaches every process."""
-    outcome = (None, None)
-    if accelerator.is_main_process:
-        try:
-            outcome = (decide(), None)
-        except UserError as e:
-            outcome = (None, e)
-    if accelerator.num_processes > 1:
-        outcome = broadcast_object_list([outcome])[0]
-    value, error = outcome
-    if error is not None:
-        raise error
-    return value
-
-
-def check_shared_run_folder(accelerator, run_dir):
-    """Every process writes into the checkpoint folders: a node that cannot see the run folder would
-    write its part elsewhere and the checkpoint would never be complete. One line instead."""
-    if accelerator.num_processes == 1:
-        return
-    mark = Path(run_dir) / ".visible_to_every_process"
-    token = decided_on_main(accelerator, lambda: (mark.write_text(str(os.getpid())), mark.read_text())[1])
-    accelerator.wait_for_everyone()
-    seen = gather_object([mark.exists() and mark.read_text() == token])
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        mark.unlink()
-    blind = [rank for rank, saw in enumerate(seen) if not saw]
-    if blind:
-        raise UserError(f"processes {blind} cannot see the run folder {str(run_dir)!r}: with several nodes, "
-                        f"out_dir must be on a filesystem every node shares (e.g. NFS or Lustre), at the same path")
-
-
 def train(config, resume=False, log=None):
     """Train (or resume) the run in config.out_dir; returns a summary dict of the run."""
     check_model_config(config)  # a bad norm stack fails here, before any data is prepared
@@ -169,11 +103,7 @@ def train(config, resume=False, log=None):
             check_shared_run_folder(accelerator, config.out_dir)
             return _train(config, resume, log or accelerator.print, accelerator)
     finally:
-        accelerator.end_training()  # without it, torchrun aborted some multi-process runs at exit
-        # accelerate's settings are process-wide singletons: clear them so that the next train() in
-        # this process (compare.py's next variant) may use another mixed_precision or device
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
+        release_accelerator(accelerator)
 
 
 def check_run_folder(run_dir, resume):

@@ -197,8 +197,9 @@ def test_a_comparison_names_its_runs_for_the_trackers(tmp_path, shared_cache):
 
 
 def test_a_tracker_that_is_not_installed_is_one_line(tiny_config, monkeypatch):
+    import distributed
     import train
-    monkeypatch.setitem(train.TRACKER_PACKAGES, "wandb", lambda: False)
+    monkeypatch.setitem(distributed.TRACKER_PACKAGES, "wandb", lambda: False)
     with pytest.raises(UserError, match="tracker 'wandb' is not installed here; pip install wandb"):
         train.train(tiny_config(trackers="wandb"), log=lambda *a: None)
     with pytest.raises(UserError, match="'tensorbored' is not a tracker; choose from tensorboard, wandb"):
