@@ -314,7 +314,7 @@ def main():
                        hint="; usage: python compare.py <comparison.toml> [--jobs N | --shard I/N | --report]")
     p.add_argument("comparison")
     p.add_argument("--jobs", type=int, default=1, help="local worker processes (one per GPU, or a share of the cores)")
-    p.add_argument("--shard", help="I/N: train only runs k with k % N == I (job arrays); no summary")
+    p.add_argument("--shard", help="I/N: train only runs k with k %% N == I (job arrays); no summary")
     p.add_argument("--report", action="store_true", help="no training: summarize the finished runs")
     args = p.parse_args()
     if args.jobs < 1:

@@ -151,3 +151,12 @@ def test_sample_rejects_bad_input_in_one_line(argv, message, finished_run, tmp_p
 def test_sample_on_cuda_without_a_gpu_is_one_line(finished_run, capsys, monkeypatch):
     code, err = run_entry_point(sample, [str(finished_run), "--device", "cuda"], capsys, monkeypatch)
     assert code == 2 and err == "error: --device 'cuda': no CUDA GPU is available on this machine; use --device cpu\n"
+
+
+@pytest.mark.parametrize("script", [["compare.py"], ["sample.py"], ["-m", "data.prepare"],
+                                    ["benchmarks/bench_trainer.py"], ["benchmarks/bench_train_step.py"]])
+def test_help_prints_usage(script):
+    """--help runs each option's help text through %-formatting: a bare % in one broke compare.py's."""
+    from repo import run_cli
+    done = run_cli(*script, "--help", timeout=120)
+    assert done.returncode == 0 and done.stdout.startswith("usage:"), done.stderr[-2000:]
