@@ -197,7 +197,7 @@ def _train(config, resume, log, accelerator):
                     desc="train", dynamic_ncols=True)
     # training time runs from one log step's host sync to the next: steps are queued without waiting
     # for the device, so only a sync says they are done; evaluation and saving are left out
-    interval_tokens, interval_start, train_loss = 0, time.perf_counter(), None
+    interval_tokens, interval_start, interval_first, train_loss = 0, time.perf_counter(), state["step"] + 1, None
     while state["step"] < config.max_steps:
         lr = learning_rate(state["step"], config)
         for group in optimizer.param_groups:
@@ -230,7 +230,7 @@ def _train(config, resume, log, accelerator):
             interval_time = time.perf_counter() - interval_start
             state["elapsed_s"] += interval_time
             if skipped and accelerator.is_main_process:
-                progress.write(f"{skipped} of the steps up to {step}: non-finite loss or gradient, optimizer step skipped")
+                progress.write(f"steps {interval_first}-{step}: {skipped} skipped (non-finite loss or gradient)")
             state["skipped_steps"] += skipped
             if stopped_at:
                 last = list_checkpoints(run_dir)
@@ -252,7 +252,7 @@ def _train(config, resume, log, accelerator):
             progress.set_postfix(postfix, refresh=False)
             if is_eval:
                 checkpoint()
-            interval_tokens, interval_start = 0, time.perf_counter()
+            interval_tokens, interval_start, interval_first = 0, time.perf_counter(), step + 1
     progress.close()
     if val_loss is None:  # resumed a run that had already finished
         val_loss = evaluate(model, val_tokens, config, accelerator)

@@ -298,7 +298,8 @@ def launch(n_processes, *args):
 
 
 def test_two_processes_match_one_process_and_resume(tmp_path, shared_cache):
-    common = [f"--cache_dir={shared_cache}", "--max_steps=20", "--eval_interval=10", "--log_interval=5"]
+    common = [f"--cache_dir={shared_cache}", "--max_steps=20", "--eval_interval=10", "--log_interval=5",
+              "--eval_windows=20"]  # 8+8+4 windows for one process, 4+4, 4+4, 2+2 for two
     single = launch(1, f"--out_dir={tmp_path / 'one'}", "--batch_size=8", *common)
     double = launch(2, f"--out_dir={tmp_path / 'two'}", "--batch_size=4", *common)
     assert "processes: 2" in double.stdout and "processes: 1" in single.stdout
