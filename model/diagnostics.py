@@ -168,7 +168,14 @@ class Diagnostics:
         getattr(optimizer, "optimizer", optimizer).register_step_pre_hook(self._read_grads)
 
     def _read_grads(self, optimizer, args, kwargs):
-        self.grad_squares = [grad_square_sum(block.parameters()) for block in self.model.transformer.h]
+        squares = [grad_square_sum(block.parameters()) for block in self.model.transformer.h]
+        # a step that fused AdamW skips on the device (found_inf set, the grad scaler's protocol; train.py
+        # sets it for a non-finite step) keeps the norms of the last step taken, decided on the device too
+        skipped = getattr(optimizer, "found_inf", None)
+        if skipped is not None and self.grad_squares is not None:
+            squares = [new if old is None or new is None else torch.where(skipped > 0, old, new)
+                       for old, new in zip(self.grad_squares, squares)]
+        self.grad_squares = squares
 
     def measure(self, step):
         grads = None

@@ -2,6 +2,7 @@
 and 2-process training that must match 1-process training."""
 import dataclasses
 import json
+import math
 import os
 import shutil
 import signal
@@ -16,7 +17,7 @@ from safetensors.torch import load_file
 
 import train as train_module
 from checkpoint import list_checkpoints, load_model
-from runlog import read_metrics as metrics
+from runlog import read_diagnostics, read_metrics as metrics
 from config import UserError
 from train import TrainingDiverged, train
 from repo import ROOT
@@ -273,6 +274,15 @@ def test_non_finite_steps_are_skipped_and_counted(tiny_config, monkeypatch):
     assert result["skipped_steps"] == 3 and metrics(config.out_dir)[-1]["skipped_steps"] == 3
     model, _, _ = load_model(config.out_dir)
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_diagnostics_after_a_skipped_step_show_the_last_step_taken(tiny_config, monkeypatch):
+    monkeypatch.setattr(train_module, "GPT", InjectNonFinite)
+    monkeypatch.setattr(InjectNonFinite, "bad_steps", {10})
+    train(tiny_config(max_steps=10, eval_interval=5, diagnostics=True), log=lambda *_: None)
+    at_5, at_10 = read_diagnostics(tiny_config().out_dir)[1:]
+    assert all(math.isfinite(g) and g > 0 for g in at_10["grad_norm"])  # step 9's, not step 10's inf
+    assert at_10["grad_norm"] != at_5["grad_norm"]
 
 
 def test_too_many_non_finite_steps_stop_the_run_and_keep_the_good_checkpoint(tiny_config, monkeypatch):
