@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check of the kernel issue, on one CUDA machine, in < ~8 minutes:
+# The GPU check, on one CUDA machine, in < ~10 minutes (an estimate: it has never run on a GPU):
 #   1. tests/test_kernels.py with the kernels compiled (TRITON_INTERPRET=0), not interpreted
 #   2. benchmarks/bench_norms.py: copy bandwidth, then fwd and fwd+bwd of every implementation
 #   3. benchmarks/bench_train_step.py: GPT-2-124M step, each norm variant, eager and compiled
@@ -26,7 +26,7 @@ run() {  # run NAME SECONDS CMD...: output to OUT_DIR/NAME.txt (and the terminal
   "$PY" -c "import torch, triton; print('torch', torch.__version__, '| triton', triton.__version__)"; } \
     > "$OUT_DIR/machine.txt" 2>&1
 cat "$OUT_DIR/machine.txt"
-# time limits (s); typical runs take well under them (~400 s in all), most of it compiling five GPTs.
+# time limits (s); estimated well under them (~600 s in all), most of it compiling seven GPTs.
 # Eager and compiled steps run as two invocations so that the compiles cannot cost the eager table.
 # NORMGPT_CPU_KERNEL=0: the few CPU-tensor tests here use the ATen RMSNorm instead of first building
 # the C++ CPU kernel (~10-20 s of this budget; tests/test_rmsnorm.py covers that kernel on CPU)
