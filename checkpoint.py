@@ -217,8 +217,9 @@ def read_meta(folder):
     return json.loads((Path(folder) / META).read_text())
 
 
-def check_resumable(folder, config, tokenizer_hash, num_processes):
-    """Refuse a resume that would change the model's shape, its tokenizer or the process count."""
+def check_resumable(folder, config, tokenizer_hash, num_processes, sharding="none"):
+    """Refuse a resume that would change the model's shape, its tokenizer, the process count or the
+    sharding (the training state of an FSDP run is saved in shards, of any other run whole)."""
     saved = config_from_json(folder / CONFIG)
     changed = [k for k in ARCHITECTURE_KEYS if getattr(saved, k) != getattr(config, k)]
     if changed:
@@ -232,6 +233,9 @@ def check_resumable(folder, config, tokenizer_hash, num_processes):
     if meta["num_processes"] != num_processes:
         raise UserError(f"cannot resume {str(folder)!r} with {num_processes} processes: it was saved by "
                         f"{meta['num_processes']} (data order and RNG streams are per process)")
+    if meta.get("sharding", "none") != sharding:
+        raise UserError(f"cannot resume {str(folder)!r} with sharding {sharding}: it was saved with sharding "
+                        f"{meta.get('sharding', 'none')}; launch it with the same accelerate settings (FSDP or not)")
 
 
 def warn(message):

@@ -123,9 +123,10 @@ def _train(config, resume, log, accelerator):
     data = prepare_data(config, log=log, build=accelerator.is_local_main_process)
     check_data_size(data, config.block_size)
     train_tokens, val_tokens = data.tokens("train"), data.tokens("val")
+    sharding = "FSDP2" if accelerator.distributed_type == DistributedType.FSDP else "none"
     if resume:  # the newest checkpoint that passes its manifest's checks; newer damaged ones are named
         start = Path(decided_on_main(accelerator, lambda: str(newest_intact_checkpoint(run_dir, True, log))))
-        check_resumable(start, config, data.tokenizer_hash, accelerator.num_processes)
+        check_resumable(start, config, data.tokenizer_hash, accelerator.num_processes, sharding)
 
     # the same initial weights on every process (FSDP shards each process's own copy; nothing
     # broadcasts them), then a random stream per process: distinct dropout masks
@@ -133,7 +134,6 @@ def _train(config, resume, log, accelerator):
     model = GPT(config)
     seed_everything(config.seed + accelerator.process_index)
     log(model.describe_norms())
-    sharding = "FSDP2" if accelerator.distributed_type == DistributedType.FSDP else "none"
     log(f"parameters: {model.num_params():,}  |  processes: {accelerator.num_processes}  |  "
         f"device: {accelerator.device}  |  precision: {config.mixed_precision}  |  sharding: {sharding}")
     # fused AdamW: one kernel for all parameters, and it can skip a step on the device (NonFiniteSteps)
@@ -183,7 +183,7 @@ def _train(config, resume, log, accelerator):
                 accelerator.log(tracker_scalars(entry, measured), step=entry["step"])
 
     def checkpoint():
-        meta = {"tokenizer_hash": data.tokenizer_hash, "corpus_hash": data.corpus_hash}
+        meta = {"tokenizer_hash": data.tokenizer_hash, "corpus_hash": data.corpus_hash, "sharding": sharding}
         save_checkpoint(accelerator, run_dir, state["step"], model, config, meta, data.tokenizer_path,
                         config.keep_checkpoints)
 

@@ -58,6 +58,17 @@ def test_fsdp_shards_and_trains_as_ddp_does(references):
     assert sorted(p.name for p in (state / "pytorch_model_fsdp_0").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
 
 
+def test_a_resume_that_changes_the_sharding_is_one_line(references, shared_cache):
+    fsdp, _ = references["fsdp"]
+    before = sorted(p for p in fsdp.rglob("*") if p.is_file() and p.name != "run.lock")
+    proc = launch("ddp", *run_args(fsdp, shared_cache), "--max_steps=40", "--resume")
+    assert proc.returncode != 0
+    message = (f"error: cannot resume {str(list_checkpoints(fsdp)[-1])!r} with sharding none: it was saved with "
+               f"sharding FSDP2; launch it with the same accelerate settings (FSDP or not)")
+    assert proc.stderr.count(message) == 2, proc.stderr[-3000:]
+    assert sorted(p for p in fsdp.rglob("*") if p.is_file() and p.name != "run.lock") == before
+
+
 @pytest.mark.parametrize("mode", list(MODES))
 def test_kill_9_of_two_processes_then_resume_is_exact(mode, references, tmp_path, shared_cache):
     reference, _ = references[mode]
