@@ -101,7 +101,11 @@ def train(config, resume=False, log=None):
             take = run_folder_lock(config.out_dir, check=lambda: check_run_folder(config.out_dir, resume))
             decided_on_main(accelerator, lambda: owned.enter_context(take))
             check_shared_run_folder(accelerator, config.out_dir)
-            return _train(config, resume, log or accelerator.print, accelerator)
+            result = _train(config, resume, log or accelerator.print, accelerator)
+            # every process is past its last collective before any tears the group down (a gloo
+            # process once aborted at exit in CI, after a run that had finished; not reproduced since)
+            accelerator.wait_for_everyone()
+            return result
     finally:
         release_accelerator(accelerator)
 
