@@ -160,9 +160,9 @@ def checkpoint_problem(folder, for_resume):
         return (f"it was saved before checkpoints kept accelerate's state/ ({OLD_TRAIN_STATE}); it can be "
                 f"sampled but not resumed here (resume it with normgpt commit fa96f3f or earlier)")
     needed = list(SAMPLE_FILES)
-    if for_resume:
-        needed += [name for name in manifest if name not in needed]
-        needed += [f"{STATE}/random_states_{r}.pkl" for r in ranks if f"{STATE}/random_states_{r}.pkl" not in needed]
+    if for_resume:  # every file the manifest lists, and each process's RNG states even if it does not
+        from accelerate.utils import RNG_STATE_NAME  # here: sampling need not import accelerate
+        needed = list(dict.fromkeys([*needed, *manifest, *(f"{STATE}/{RNG_STATE_NAME}_{r}.pkl" for r in ranks)]))
     for name in needed:
         path = folder / name
         if not path.is_file():

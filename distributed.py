@@ -73,10 +73,14 @@ def check_shared_run_folder(accelerator, run_dir):
     if accelerator.num_processes == 1:
         return
     mark = Path(run_dir) / ".visible_to_every_process"
-    token = decided_on_main(accelerator, lambda: (mark.write_text(str(os.getpid())), mark.read_text())[1])
-    accelerator.wait_for_everyone()
+
+    def write_mark():
+        token = str(os.getpid())
+        mark.write_text(token)
+        return token
+    token = decided_on_main(accelerator, write_mark)  # every process gets it after the file is written
+    # a collective: it returns on the main process only after every process has looked
     seen = gather_object([mark.exists() and mark.read_text() == token])
-    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         mark.unlink()
     blind = [rank for rank, saw in enumerate(seen) if not saw]
