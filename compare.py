@@ -44,14 +44,14 @@ from pathlib import Path
 
 import numpy as np
 
-import sweeps
-from checkpoint import list_checkpoints
+from study import sweeps
+from training.checkpoint import list_checkpoints
 from config import (ArgumentParser, Config, UserError, apply_overrides, check_folder, load_config, read_toml,
                     run_main)
 from model.norms import check_model_config
-from report import device_name, machine, markdown_table, write_outputs
-from runlog import RunFolderBusy, read_metrics, run_folder_lock, run_folder_owner, write_atomic
-from workers import run_in_workers
+from study.report import device_name, machine, markdown_table, write_outputs
+from training.runlog import RunFolderBusy, read_metrics, run_folder_lock, run_folder_owner, write_atomic
+from study.workers import run_in_workers
 
 COMPARISON_KEYS = {"base_config", "base", "out_dir", "seeds", "baseline", "target_val_loss", "variants", "sweep"}
 # the config keys that decide a run's data cache (data/prepare.py): runs that agree on them share one

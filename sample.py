@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-from checkpoint import TOKENIZER, load_model, read_meta
+from training.checkpoint import TOKENIZER, load_model, read_meta
 from config import ArgumentParser, UserError, run_main
 from data.prepare import file_sha256
 from data.tokenizer import end_of_document

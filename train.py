@@ -18,16 +18,17 @@ from torch.distributed.tensor import DTensor
 from accelerate.utils import DistributedType
 from tqdm import tqdm
 
-from checkpoint import (Counters, check_resumable, list_checkpoints, load_checkpoint, newest_intact_checkpoint,
+from training.checkpoint import (Counters, check_resumable, list_checkpoints, load_checkpoint, newest_intact_checkpoint,
                         save_checkpoint, track_training_state)
 from config import UserError, check_folder, load_config, run_main
 from data.batches import TrainBatches, validation_batches
 from data.prepare import check_data_size, prepare_data
-from distributed import check_shared_run_folder, decided_on_main, make_accelerator, release_accelerator
+from training.distributed import check_shared_run_folder, decided_on_main, make_accelerator, release_accelerator
 from model import GPT, check_model_config
 from model.diagnostics import Diagnostics
 from model.gpt import z_loss
-from runlog import RunLog, run_folder_lock
+from training.evaluation import evaluate
+from training.runlog import RunLog, run_folder_lock
 
 
 def learning_rate(step, config):
@@ -36,23 +37,6 @@ def learning_rate(step, config):
         return config.learning_rate * (step + 1) / config.warmup_steps
     progress = min(1.0, (step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps))
     return config.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (config.learning_rate - config.min_lr)
-
-
-@torch.no_grad()
-def evaluate(model, val_tokens, config, accelerator):
-    """Mean loss per token over the fixed validation windows, summed over every process's share.
-    Every process runs the same number of forwards (padded rows carry no loss; data/batches.py)."""
-    model.eval()
-    total = torch.zeros(2, device=accelerator.device)  # (sum of window losses, number of windows)
-    for x, y, n_real in validation_batches(val_tokens, config.block_size, config.batch_size, config.eval_windows,
-                                           accelerator.process_index, accelerator.num_processes,
-                                           accelerator.device):
-        _, loss = model(x, y)  # the mean over the real windows' tokens
-        if n_real:  # a batch of padding only gives 0/0
-            total += torch.stack([loss.float() * n_real, torch.tensor(float(n_real), device=loss.device)])
-    model.train()
-    total = accelerator.reduce(total, reduction="sum")
-    return (total[0] / total[1]).item()
 
 
 def seed_everything(seed):

@@ -34,8 +34,8 @@ import data.batches as batches  # noqa: E402
 import train  # noqa: E402
 from config import load_config  # noqa: E402
 from data.prepare import prepare_data  # noqa: E402
-from report import device_name, machine  # noqa: E402
-from runlog import read_metrics  # noqa: E402
+from study.report import device_name, machine  # noqa: E402
+from training.runlog import read_metrics  # noqa: E402
 
 
 def pageable_windows(tokens, offsets, block_size, device="cpu"):

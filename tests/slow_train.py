@@ -21,7 +21,7 @@ import time
 from repo import ROOT
 
 sys.path.insert(0, str(ROOT))
-import checkpoint  # noqa: E402
+from training import checkpoint  # noqa: E402
 import train  # noqa: E402
 
 step_delay = float(os.environ.get("TEST_STEP_DELAY", "0"))

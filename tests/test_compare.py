@@ -13,9 +13,10 @@ import pytest
 import torch
 
 import compare
-import report
+from study import report
 import train as train_module
-from analyze import run_probe
+from training import evaluation
+from study.probe import run_probe
 from config import UserError
 from repo import ROOT
 
@@ -68,6 +69,7 @@ def tiny(tmp_path_factory, shared_cache):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(train_module, "TrainBatches", HashedBatches)
         mp.setattr(train_module, "validation_batches", hashed_validation)
+        mp.setattr(evaluation, "validation_batches", hashed_validation)
         rows, summary = compare.compare(path, log=lambda *a: None)
     train_digests = [b.digest.hexdigest() for b in HashedBatches.created]
     return path, folder / "out", rows, summary, train_digests, val_digests

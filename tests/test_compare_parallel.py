@@ -14,7 +14,7 @@ import torch
 import compare
 from config import UserError, run_main
 from repo import ROOT
-from runlog import read_diagnostics, read_metrics
+from training.runlog import read_diagnostics, read_metrics
 from test_compare import write_comparison
 
 VARIANTS = {"layernorm": {"norm": "layernorm"}, "rmsnorm": {"norm": "rmsnorm"}}
@@ -74,7 +74,7 @@ def test_two_workers_equal_the_sequential_summary(sequential, tmp_path, shared_c
 
 def hold_run_folder(run_dir):
     """Another process that holds run_dir's lock, as a second worker or shard training it would."""
-    code = ("import sys, time; sys.path.insert(0, '.'); from runlog import run_folder_lock\n"
+    code = ("import sys, time; sys.path.insert(0, '.'); from training.runlog import run_folder_lock\n"
             f"with run_folder_lock({str(run_dir)!r}):\n    print('held', flush=True); time.sleep(120)")
     holder = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
@@ -159,7 +159,7 @@ def test_bad_command_lines_are_one_line(argv, message, capsys, monkeypatch):
 
 def test_worker_environments_share_the_cores(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    from workers import worker_environments
+    from study.workers import worker_environments
     envs = worker_environments(2)
     if "CUDA_VISIBLE_DEVICES" not in envs[0]:
         cores = len(os.sched_getaffinity(0))
@@ -197,7 +197,7 @@ def test_a_comparison_names_its_runs_for_the_trackers(tmp_path, shared_cache):
 
 
 def test_a_tracker_that_is_not_installed_is_one_line(tiny_config, monkeypatch):
-    import distributed
+    from training import distributed
     import train
     monkeypatch.setitem(distributed.TRACKER_PACKAGES, "wandb", lambda: False)
     with pytest.raises(UserError, match="tracker 'wandb' is not installed here; pip install wandb"):

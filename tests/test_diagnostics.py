@@ -7,7 +7,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from analyze import Centered, Uncentered, probe, with_centering
+from study.probe import Centered, Uncentered, probe, with_centering
 from model import GPT
 from model.diagnostics import collect, grad_square_sum, norm_sites, token_stats
 from model.norms import LayerNorm, RMSNorm

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from checkpoint import check_resumable
+from training.checkpoint import check_resumable
 from config import UserError, save_config
 from model import GPT, check_model_config
 from model.gpt import z_loss
@@ -120,7 +120,7 @@ def test_z_loss_is_the_mean_squared_log_normaliser():
 
 
 def test_z_loss_is_logged_apart_and_val_loss_stays_cross_entropy(tiny_config):
-    from runlog import read_metrics
+    from training.runlog import read_metrics
     from train import train
     plain = tiny_config(out_dir=tiny_config().out_dir + "_plain", max_steps=5, eval_interval=5)
     with_z = tiny_config(max_steps=5, eval_interval=5, z_loss=1e-2)

@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
-from checkpoint import list_checkpoints
+from training.checkpoint import list_checkpoints
 from repo import ROOT
-from runlog import read_diagnostics, read_metrics as metrics
+from training.runlog import read_diagnostics, read_metrics as metrics
 from test_reliability import assert_same_metrics, wait_for
 
 pytestmark = pytest.mark.slow

@@ -16,8 +16,8 @@ import torch
 from safetensors.torch import load_file
 
 import train as train_module
-from checkpoint import list_checkpoints, load_model
-from runlog import read_diagnostics, read_metrics as metrics
+from training.checkpoint import list_checkpoints, load_model
+from training.runlog import read_diagnostics, read_metrics as metrics
 from config import UserError
 from train import TrainingDiverged, train
 from repo import ROOT

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 
 import compare
-import sweeps
+from study import sweeps
 import train as train_module
 from config import UserError
 from test_compare import write_comparison

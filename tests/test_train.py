@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from checkpoint import list_checkpoints, load_model
-from runlog import read_metrics as metrics
+from training.checkpoint import list_checkpoints, load_model
+from training.runlog import read_metrics as metrics
 from config import UserError
 from sample import generate_samples, parse_args
 from train import learning_rate, train

@@ -14,9 +14,9 @@ import subprocess
 import numpy as np
 from scipy import stats
 
-import plots
-import sweeps
-from runlog import read_diagnostics, read_metrics
+from study import plots
+from study import sweeps
+from training.runlog import read_diagnostics, read_metrics
 
 RESULT_KEYS = ["variant", "seed", "sweep_value", "status", "initial_val_loss", "final_val_loss", "best_val_loss", "final_train_loss", "tokens_per_s",
                "wall_seconds", "time_to_target_s", "steps", "n_params", "corpus_hash", "run_seconds", "load_at_start",

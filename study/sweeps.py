@@ -22,7 +22,7 @@ import math
 import numpy as np
 
 from config import UserError
-from runlog import read_diagnostics
+from training.runlog import read_diagnostics
 
 DIVERGED = "diverged"  # a run's status when it produced non-finite losses (train.TrainingDiverged or a NaN loss)
 

@@ -1,0 +1,1 @@
+"""Text in, token memmaps out: corpora, tokenizers, encoding, and the batches training reads. Knows no model."""
