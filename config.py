@@ -32,6 +32,13 @@ class Config:
     n_embd: int = 128
     dropout: float = 0.0
     bias: bool = False            # biases in Linear layers and LayerNorm
+    n_kv_head: int = 0            # key/value heads (grouped-query attention, Llama 3, SmolLM2); 0 = n_head
+    pos_emb: str = "learned"      # "learned" (GPT-2), "rope" (rotary on q and k, after QK-norm) or "none" (NoPE)
+    rope_theta: float = 10000.0   # RoPE base
+    mlp: str = "gelu"             # "gelu" (exact erf), "gelu_tanh" (GPT-2's), "swiglu" (Llama), "relu2" (ReLU squared)
+    mlp_hidden: int = 0           # MLP hidden width; 0 = 4 * n_embd, swiglu: 8/3 * n_embd rounded up to 64
+    tie_embeddings: bool = True   # the output head shares the token embedding matrix
+    logit_softcap: float = 0.0    # c > 0: logits become c * tanh(logits / c) (Gemma 2; nanochat uses 15)
     # --- normalization (see model/norms.py for the registry of names) ---
     norm: str = "layernorm"       # default for every norm site
     attn_norm: str = ""           # override the attention-sublayer norm of every block ("" = norm)
@@ -45,9 +52,12 @@ class Config:
     output_norm: str = ""         # the norm on sublayer outputs ("peri"/"output" blocks); "" = the sublayer's norm
     qk_norm: str = ""             # a norm on queries and keys per head, gains of size head_dim ("" = none)
     dyt_alpha: float = 0.5        # initial alpha of the "dyt" norm, gamma * tanh(alpha * x) + beta
+    derf_alpha: float = 0.5       # initial alpha of the "derf" norm, gamma * erf(alpha * x + s) + beta
     norm_eps: float = 1e-5        # explicit, never a library default
     norm_gain: bool = True        # learnable gain in every norm
     prms_fraction: float = 0.0625  # pRMSNorm: share of features the RMS is estimated from
+    embed_norm: str = ""          # a norm on the token (+ position) embedding before the first block ("" = none)
+    norm_scaling: str = "none"    # "layer": block i's input norms times 1/sqrt(i + 1) (LayerNorm Scaling, Sun et al. 2025)
     fused_add_norm: bool = False  # pre-norm + RMS norms only: each residual add and the norm after it run
                                   # as one Triton kernel (kernels/rmsnorm_triton.py); same math as unfused
     # --- data ---
@@ -119,20 +129,27 @@ class Config:
             "warmup_steps": self.warmup_steps >= 0, "weight_decay": self.weight_decay >= 0,
             "beta1": 0 <= self.beta1 < 1, "beta2": 0 <= self.beta2 < 1, "grad_clip": self.grad_clip >= 0,
             "hf_max_documents": self.hf_max_documents >= 0, "prepare_workers": self.prepare_workers >= 0,
-            "tokenizer_train_bytes": self.tokenizer_train_bytes > 0, "dyt_alpha": self.dyt_alpha > 0,
-            "z_loss": self.z_loss >= 0,
+            "tokenizer_train_bytes": self.tokenizer_train_bytes > 0, "dyt_alpha": self.dyt_alpha > 0, "derf_alpha": self.derf_alpha > 0,
+            "z_loss": self.z_loss >= 0, "n_kv_head": self.n_kv_head >= 0, "mlp_hidden": self.mlp_hidden >= 0,
+            "rope_theta": self.rope_theta > 0, "logit_softcap": self.logit_softcap >= 0,
         }
         ranges = {"dropout": "[0, 1)", "val_fraction": "(0, 1)", "prms_fraction": "(0, 1]", "norm_eps": "> 0",
                   "learning_rate": "> 0", "min_lr": "[0, learning_rate]", "beta1": "[0, 1)", "beta2": "[0, 1)",
-                  "tokenizer_train_bytes": "> 0", "dyt_alpha": "> 0"}
+                  "tokenizer_train_bytes": "> 0", "dyt_alpha": "> 0", "derf_alpha": "> 0", "rope_theta": "> 0"}
         for name, ok in checks.items():
             if not ok:
                 raise UserError(f"{name} = {getattr(self, name)} is out of range; valid: {ranges.get(name, '>= 0')}")
+        kv_heads = self.n_kv_head or self.n_head
+        if self.n_head % kv_heads:
+            raise UserError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({kv_heads})")
+        if self.pos_emb == "rope" and (self.n_embd // self.n_head) % 2:
+            raise UserError(f"pos_emb = 'rope' needs an even head size; n_embd / n_head = {self.n_embd // self.n_head}")
         for name in self.tracker_names():
             if name not in TRACKERS:
                 raise UserError(f"trackers: {name!r} is not a tracker; choose from {', '.join(TRACKERS)}")
         choices = {"norm_position": ("pre", "post", "peri", "output"), "mixed_precision": ("no", "bf16", "fp16"),
-                   "device": ("auto", "cpu")}
+                   "device": ("auto", "cpu"), "pos_emb": ("learned", "rope", "none"),
+                   "mlp": ("gelu", "gelu_tanh", "swiglu", "relu2"), "norm_scaling": ("none", "layer")}
         for name, valid in choices.items():
             if getattr(self, name) not in valid:
                 raise UserError(f"{name} = {getattr(self, name)!r} is not valid; choose one of {', '.join(valid)}")

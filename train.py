@@ -23,11 +23,12 @@ from training.checkpoint import (Counters, check_resumable, list_checkpoints, lo
 from config import UserError, check_folder, load_config, run_main
 from data.batches import TrainBatches, validation_batches
 from data.prepare import check_data_size, prepare_data
+from data.tokenizer import token_byte_lengths
 from training.distributed import check_shared_run_folder, decided_on_main, make_accelerator, release_accelerator
 from model import GPT, check_model_config
 from model.diagnostics import Diagnostics
 from model.gpt import z_loss
-from training.evaluation import evaluate
+from training.evaluation import evaluate_loss_and_bpb
 from training.runlog import RunLog, run_folder_lock
 
 
@@ -61,7 +62,8 @@ def start_trackers(accelerator, config, step):
 def tracker_scalars(entry, diagnostics=None):
     """A metrics.jsonl line (and a diagnostics line) as flat tracker scalars, e.g. val/loss."""
     names = {"train_loss": "train/loss", "val_loss": "val/loss", "lr": "train/lr", "tokens_per_s": "train/tokens_per_s",
-             "skipped_steps": "train/skipped_steps", "tokens_seen": "train/tokens_seen", "train_z_loss": "train/z_loss"}
+             "skipped_steps": "train/skipped_steps", "tokens_seen": "train/tokens_seen", "train_z_loss": "train/z_loss",
+             "val_bpb": "val/bpb"}
     scalars = {names[k]: v for k, v in entry.items() if k in names and v is not None}
     for key, values in (diagnostics or {}).items():
         if isinstance(values, list) and key != "sites":
@@ -175,10 +177,11 @@ def _train(config, resume, log, accelerator):
         save_checkpoint(accelerator, run_dir, state["step"], model, config, meta, data.tokenizer_path,
                         config.keep_checkpoints)
 
-    val_loss = None
+    token_bytes = torch.from_numpy(token_byte_lengths(data.load_tokenizer()))  # val_bpb's byte counts
+    val_loss = val_bpb = None
     if state["step"] == 0:
-        val_loss = evaluate(model, val_tokens, config, accelerator)
-        record(step=0, train_loss=None, val_loss=val_loss, lr=learning_rate(0, config), tokens_seen=0,
+        val_loss, val_bpb = evaluate_loss_and_bpb(model, val_tokens, config, accelerator, token_bytes)
+        record(step=0, train_loss=None, val_loss=val_loss, val_bpb=val_bpb, lr=learning_rate(0, config), tokens_seen=0,
                elapsed_s=0.0, tokens_per_s=None, skipped_steps=0)
     tokens_per_step = config.batch_size * config.block_size * config.grad_accum * accelerator.num_processes
     progress = tqdm(total=config.max_steps, initial=state["step"], disable=not accelerator.is_local_main_process,
@@ -227,11 +230,12 @@ def _train(config, resume, log, accelerator):
                     f"last good checkpoint: {last[-1] if last else 'none (no checkpoint was saved yet)'}")
             train_loss = accelerator.reduce(step_loss, reduction="mean").item()
             aux_log = {"train_z_loss": accelerator.reduce(step_z_loss, reduction="mean").item()} if config.z_loss else {}
-            val_loss = evaluate(model, val_tokens, config, accelerator) if is_eval else None
+            val_loss, val_bpb = evaluate_loss_and_bpb(model, val_tokens, config, accelerator, token_bytes) \
+                if is_eval else (None, None)
             if val_loss is not None:
                 state["best_val_loss"] = min(state["best_val_loss"], val_loss)
             tokens_per_s = interval_tokens / interval_time
-            record(step=step, train_loss=train_loss, **aux_log, val_loss=val_loss, lr=lr, tokens_seen=state["tokens_seen"],
+            record(step=step, train_loss=train_loss, **aux_log, val_loss=val_loss, val_bpb=val_bpb, lr=lr, tokens_seen=state["tokens_seen"],
                    elapsed_s=round(state["elapsed_s"], 4), tokens_per_s=round(tokens_per_s, 1),
                    skipped_steps=state["skipped_steps"])
             postfix = {"loss": f"{train_loss:.3f}", "tok/s": f"{tokens_per_s:,.0f}"}
@@ -243,16 +247,17 @@ def _train(config, resume, log, accelerator):
             interval_tokens, interval_start, interval_first = 0, time.perf_counter(), step + 1
     progress.close()
     if val_loss is None:  # resumed a run that had already finished
-        val_loss = evaluate(model, val_tokens, config, accelerator)
+        val_loss, val_bpb = evaluate_loss_and_bpb(model, val_tokens, config, accelerator, token_bytes)
     result = {
-        "run_dir": str(run_dir), "steps": state["step"], "final_val_loss": val_loss,
+        "run_dir": str(run_dir), "steps": state["step"], "final_val_loss": val_loss, "final_val_bpb": val_bpb,
         "best_val_loss": min(state["best_val_loss"], val_loss), "final_train_loss": train_loss,
         "tokens_per_s": state["tokens_seen"] / max(state["elapsed_s"], 1e-9),
         "wall_seconds": state["elapsed_s"], "n_params": accelerator.unwrap_model(model).num_params(),
         "corpus_hash": data.corpus_hash, "unigram_entropy": data.unigram_entropy,
         "skipped_steps": state["skipped_steps"],
     }
-    log(f"done: step {result['steps']}, val loss {val_loss:.4f} nats/token "
+    bpb = f" ({val_bpb:.4f} bits/byte)" if val_bpb is not None else ""
+    log(f"done: step {result['steps']}, val loss {val_loss:.4f} nats/token{bpb} "
         f"(unigram entropy of the corpus: {data.unigram_entropy:.4f}), "
         f"{result['tokens_per_s']:,.0f} tokens/s, {result['wall_seconds']:.0f}s of training -> {run_dir}")
     return result

@@ -71,3 +71,30 @@ def load_tokenizer_file(path, eod_token, vocab_size):
         raise UserError(f"tokenizer {path!r} has {tokenizer.get_vocab_size():,} tokens, more than "
                         f"vocab_size {vocab_size:,}; set vocab_size to at least {tokenizer.get_vocab_size()}")
     return tokenizer, name, eod_id
+
+
+def token_byte_lengths(tokenizer):
+    """UTF-8 bytes of text each token id stands for, as an int array over the vocabulary; special
+    tokens (end-of-document, ...) stand for no text and count 0 (val_bpb leaves them out).
+
+    A byte-level BPE token (GPT-2's, ours) spells its bytes in GPT-2's byte alphabet, one character
+    per byte, even where it splits a UTF-8 character; a SentencePiece-style token spells its text with
+    ▁ for a space, and <0xNN> for a byte-fallback byte. Any other token is decoded alone."""
+    import numpy as np
+    decoder = json.loads(tokenizer.to_str()).get("decoder") or {}
+    byte_level = "ByteLevel" in json.dumps(decoder)
+    specials = {t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special}
+    lengths = np.zeros(tokenizer.get_vocab_size(), dtype=np.int64)
+    for token_id in range(len(lengths)):
+        token = tokenizer.id_to_token(token_id)
+        if token is None or token in specials:
+            continue
+        if byte_level:
+            lengths[token_id] = len(token)
+        elif len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+            lengths[token_id] = 1
+        elif "\u2581" in token:
+            lengths[token_id] = len(token.replace("\u2581", " ").encode("utf-8"))
+        else:
+            lengths[token_id] = len(tokenizer.decode([token_id]).encode("utf-8"))
+    return lengths

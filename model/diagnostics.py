@@ -3,7 +3,7 @@
 Measured at eval steps when `config.diagnostics` is on; train.py writes one JSON line per eval to
 <out_dir>/diagnostics.jsonl (runlog.py) with:
 
-    sites        ["block0.attn", "block0.mlp", ..., "final"]   every norm site, in forward order
+    sites        ["embed", "block0.attn", "block0.mlp", ..., "final"]   every norm site, in forward order
     input_rms    per site: RMS of the norm's input, sqrt(mean(x^2)) over features, averaged over tokens
     offset_ratio per site: |mean(x)| / rms(x) per token, averaged over tokens (1 = all mean, 0 = none)
     mean_share   per site: mean(x)^2 / mean(x^2) per token, averaged: the share of the input's energy
@@ -22,7 +22,7 @@ Measured at eval steps when `config.diagnostics` is on; train.py writes one JSON
     log_z        the output logits' log-normaliser logsumexp(logits), averaged over tokens (what z_loss
                  pulls towards 0)
 
-Sites are "blockN.attn", "blockN.mlp" (the sublayers' input norms, or their post-add norms in post-norm
+Sites are "embed" (embed_norm), "blockN.attn", "blockN.mlp" (the sublayers' input norms, or their post-add norms in post-norm
 blocks), "blockN.q", "blockN.k" (qk_norm), "blockN.attn_out", "blockN.mlp_out" (output norms of peri
 and output blocks) and "final"; a block lists only the sites it has.
 
@@ -30,8 +30,8 @@ The statistics are pure functions of a tensor (tested on hand-made inputs); the 
 extra forward pass in eval mode on a batch the caller gives (train.py: the first batch of the fixed
 validation windows), with hooks that exist only for that pass, so training itself is untouched (no
 RNG is drawn, no hook slows the training steps). The attention statistics need explicit scores, which
-the fused attention kernel never forms: for that pass only, each attention layer keeps its q and k
-(CausalSelfAttention.keep_qk) and the scores are recomputed here.
+the fused attention kernel never forms: a hook takes each attention layer's input and the scores are
+recomputed here from the layer's own queries and keys (CausalSelfAttention.queries_keys).
 """
 import math
 
@@ -99,7 +99,7 @@ SITE_SLOTS = [("attn", "ln_1"), ("q", "attn.q_norm"), ("k", "attn.k_norm"), ("at
 
 def norm_sites(model):
     """[(site name, norm module)] for every norm site of a GPT, in forward order."""
-    sites = []
+    sites = [("embed", model.transformer.ln_e)] if "ln_e" in model.transformer else []
     for i, block in enumerate(model.transformer.h):
         for suffix, path in SITE_SLOTS:
             owner, attr = site_slot(block, path)
@@ -125,20 +125,16 @@ def collect(model, x):
         resid.append(token_stats(out)[0])
         ratios.append(activation_ratio(out))
     hooks += [block.register_forward_hook(residual_hook) for block in model.transformer.h]
-    attentions = [block.attn for block in model.transformer.h]
-    was_training, fused = model.training, getattr(model.config, "fused_add_norm", False)
+    attention = []
+    hooks += [block.attn.register_forward_pre_hook(
+        lambda attn, args: attention.append(attention_stats(*attn.queries_keys(args[0])))) for block in model.transformer.h]
+    was_training = model.training
     model.eval()  # no dropout: the statistics describe the model, not one dropout mask
-    model.config.fused_add_norm = False  # the fused path bypasses the hooks; unfused is the same math
-    for attn in attentions:
-        attn.keep_qk = True
     try:
-        logits, _ = model(x)
-        attention = [attention_stats(*attn.last_qk) for attn in attentions]
+        # unfused: the fused add + norm kernel is called as add_norm, which the norms' hooks do not see
+        logits, _ = model(x, fused_add_norm=False)
     finally:
         model.train(was_training)
-        model.config.fused_add_norm = fused
-        for attn in attentions:
-            attn.keep_qk, attn.last_qk = False, None
         for h in hooks:
             h.remove()
     names = [name for name, _ in norm_sites(model)]

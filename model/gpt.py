@@ -13,7 +13,10 @@ block_positions per block); shown for attention, the MLP is alike with ln_2 / ln
                                  └───────── attn ─ ln_1_out ─┘
 
 With qk_norm, queries and keys get a norm per head (q_norm, k_norm, gains of size head_dim) after
-the projection. The final norm (ln_f) sits before the tied output head in every case.
+the projection, before rotary positions (pos_emb = "rope"). embed_norm puts a norm (ln_e) on the
+embedding before the first block; the final norm (ln_f) sits before the output head (tied to the
+embedding unless tie_embeddings = false) in every case. norm_scaling = "layer" multiplies block i's
+input norms by 1/sqrt(i + 1); logit_softcap = c makes the logits c * tanh(logits / c).
 """
 import math
 
@@ -21,76 +24,23 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from model.layers import MLP, CausalSelfAttention, Rotary, mlp_hidden_size
 from model.norms import check_model_config, make_norm, resolve_block_positions, resolve_norm_stack
 
 
-class CausalSelfAttention(nn.Module):
-    def __init__(self, config):
-        super().__init__()
-        self.n_head = config.n_head
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.c_proj.is_residual_projection = True
-        self.dropout = config.dropout
-        self.resid_dropout = nn.Dropout(config.dropout)
-        if config.qk_norm:  # one norm over head_dim, its gains shared by the heads (OLMo 2, Qwen3)
-            self.q_norm = make_norm(config.qk_norm, config.n_embd // config.n_head, config)
-            self.k_norm = make_norm(config.qk_norm, config.n_embd // config.n_head, config)
-        else:
-            self.q_norm = self.k_norm = None
-        self.keep_qk, self.last_qk = False, None  # model/diagnostics.py sets keep_qk for its one pass
-
-    def forward(self, x, kv_cache=None):
-        """kv_cache: None, or a dict this layer fills with keys/values of all tokens seen so far."""
-        B, T, C = x.shape
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head) for t in self.c_attn(x).split(C, dim=2))
-        if self.q_norm is not None:  # normed before caching: cached keys are already normed
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        if self.keep_qk:  # the diagnostics pass only: explicit scores are too slow for training
-            self.last_qk = (q, k)
-        past = 0
-        if kv_cache is not None:
-            if "k" in kv_cache:
-                past = kv_cache["k"].size(2)
-                k = torch.cat([kv_cache["k"], k], dim=2)
-                v = torch.cat([kv_cache["v"], v], dim=2)
-            kv_cache["k"], kv_cache["v"] = k, v
-        if past == 0:
-            mask, causal = None, True
-        else:
-            # new query i may attend to every cached key and to new keys up to itself
-            rows = torch.arange(T, device=x.device)[:, None] + past
-            mask, causal = torch.arange(past + T, device=x.device)[None, :] <= rows, False
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                           dropout_p=self.dropout if self.training else 0.0)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
-        return self.resid_dropout(self.c_proj(y))
-
-
-class MLP(nn.Module):
-    def __init__(self, config):
-        super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU()
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
-        self.c_proj.is_residual_projection = True
-        self.dropout = nn.Dropout(config.dropout)
-
-    def forward(self, x):
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
-
-
 class Block(nn.Module):
-    def __init__(self, config, position, attn_norm, mlp_norm):
+    def __init__(self, config, position, attn_norm, mlp_norm, index=0, rotary=None):
         super().__init__()
         self.position = position
+        # LayerNorm Scaling: deeper blocks' sublayers see smaller inputs, so the residual stream's
+        # variance grows slower with depth (a plain float: no parameter, no checkpoint key)
+        self.input_scale = 1 / math.sqrt(index + 1) if config.norm_scaling == "layer" else 1.0
         has_out = position in ("peri", "output")
 
         def norm(name, present):  # absent sites are None: no parameters, no checkpoint keys
             return make_norm(name, config.n_embd, config) if present else None
         self.ln_1 = norm(attn_norm, position != "output")
-        self.attn = CausalSelfAttention(config)
+        self.attn = CausalSelfAttention(config, rotary)
         self.ln_1_out = norm(config.output_norm or attn_norm, has_out)
         self.ln_2 = norm(mlp_norm, position != "output")
         self.mlp = MLP(config)
@@ -104,8 +54,11 @@ class Block(nn.Module):
         """x plus the sublayer's output, with the norms of this block's position (module docstring)."""
         if self.position == "post":
             return norm_in(x + sublayer(x))
-        h = sublayer(x if norm_in is None else norm_in(x))
+        h = sublayer(x if norm_in is None else self.scaled(norm_in(x)))
         return x + (h if norm_out is None else norm_out(h))
+
+    def scaled(self, h):
+        return h if self.input_scale == 1.0 else h * self.input_scale
 
     def forward_fused(self, x, delta, kv_cache=None):
         """forward()'s pre-norm math for config.fused_add_norm. It takes and returns (x, delta):
@@ -115,8 +68,8 @@ class Block(nn.Module):
             x ──(+ delta)── ln_1 ── attn ──> a      x ──(+ a)── ln_2 ── mlp ──> delta'
         """
         x, h = add_then_norm(self.ln_1, x, delta)
-        x, h = add_then_norm(self.ln_2, x, self.attn(h, kv_cache))
-        return x, self.mlp(h)
+        x, h = add_then_norm(self.ln_2, x, self.attn(self.scaled(h), kv_cache))
+        return x, self.mlp(self.scaled(h))
 
 
 def add_then_norm(norm, x, delta):
@@ -137,21 +90,28 @@ class GPT(nn.Module):
         block_norms, final_norm = resolve_norm_stack(config)
         positions = resolve_block_positions(config)
         self.norm_stack = block_norms, final_norm, positions
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
+        head_dim = config.n_embd // config.n_head
+        rotary = Rotary(head_dim, config.block_size, config.rope_theta) if config.pos_emb == "rope" else None
+        layers = dict(wte=nn.Embedding(config.vocab_size, config.n_embd))
+        if config.pos_emb == "learned":
+            layers["wpe"] = nn.Embedding(config.block_size, config.n_embd)
+        if config.embed_norm:
+            layers["ln_e"] = make_norm(config.embed_norm, config.n_embd, config)
+        layers.update(
             drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList([Block(config, p, a, m) for p, (a, m) in zip(positions, block_norms)]),
-            ln_f=make_norm(final_norm, config.n_embd, config),
-        ))
+            h=nn.ModuleList([Block(config, p, a, m, i, rotary) for i, (p, (a, m)) in enumerate(zip(positions, block_norms))]),
+            ln_f=make_norm(final_norm, config.n_embd, config))
+        self.transformer = nn.ModuleDict(layers)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.tie_weights()
         self.apply(self._init_weights)
 
     def tie_weights(self):
-        """Tied input/output embeddings. accelerate's FSDP2 calls this by name after loading sharded
-        weights (fsdp_cpu_ram_efficient_loading), which would otherwise leave lm_head a separate copy."""
-        self.transformer.wte.weight = self.lm_head.weight
+        """Tied input/output embeddings (tie_embeddings). accelerate's FSDP2 calls this by name after
+        loading sharded weights (fsdp_cpu_ram_efficient_loading), which would otherwise leave lm_head
+        a separate copy. An untied head is initialised as the embedding is, N(0, 0.02)."""
+        if self.config.tie_embeddings:
+            self.transformer.wte.weight = self.lm_head.weight
 
     def _init_weights(self, module):
         # GPT-2 init: N(0, 0.02), residual projections scaled by 1/sqrt(2 * n_layer) so the
@@ -183,9 +143,19 @@ class GPT(nn.Module):
             if c.qk_norm:
                 line += f" q,k={c.qk_norm}"
             lines.append(line)
+        if c.embed_norm:
+            lines.insert(1, f"  embed: {c.embed_norm}")
         lines.append(f"  final: {final}")
-        if "dyt" in {n for pair in blocks for n in pair} | {final, c.qk_norm, c.output_norm}:
+        if "dyt" in {n for pair in blocks for n in pair} | {final, c.qk_norm, c.output_norm, c.embed_norm}:
             lines.append(f"  dyt: alpha initialised to {c.dyt_alpha}")
+        if "derf" in {n for pair in blocks for n in pair} | {final, c.qk_norm, c.output_norm, c.embed_norm}:
+            lines.append(f"  derf: alpha initialised to {c.derf_alpha}, shift to 0")
+        lines.append(f"  model: positions {c.pos_emb}" + (f" (theta {c.rope_theta:g})" if c.pos_emb == "rope" else "")
+                     + f", mlp {c.mlp} (hidden {mlp_hidden_size(c)}), heads {c.n_head}"
+                     + (f" (kv {c.n_kv_head})" if c.n_kv_head and c.n_kv_head != c.n_head else "")
+                     + f", head {'tied' if c.tie_embeddings else 'untied'}"
+                     + (f", logit soft-cap {c.logit_softcap:g}" if c.logit_softcap else "")
+                     + (", LayerNorm Scaling 1/sqrt(layer)" if c.norm_scaling == "layer" else ""))
         if c.z_loss:
             lines.append(f"  z_loss: {c.z_loss:g} * mean(log Z^2) added to the training loss")
         return "\n".join(lines)
@@ -193,33 +163,44 @@ class GPT(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())  # tied weights are counted once
 
-    def forward(self, idx, targets=None, kv_caches=None):
+    def forward(self, idx, targets=None, kv_caches=None, fused_add_norm=None):
+        """Logits (and the mean cross-entropy against targets). fused_add_norm: None = the config's
+        choice; False runs every norm as its own module call (the diagnostics' hooks see each one)."""
         B, T = idx.shape
         past = kv_caches[0]["k"].size(2) if kv_caches and "k" in kv_caches[0] else 0
         if past + T > self.config.block_size:
             raise ValueError(f"sequence of {past + T} tokens exceeds block_size {self.config.block_size}")
-        pos = torch.arange(past, past + T, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        fused = self.config.fused_add_norm if fused_add_norm is None else fused_add_norm
+        x = self.transformer.wte(idx)
+        if "wpe" in self.transformer:
+            x = x + self.transformer.wpe(torch.arange(past, past + T, device=idx.device))
+        if "ln_e" in self.transformer:
+            x = self.transformer.ln_e(x)
+        x = self.transformer.drop(x)
         delta = None  # with fused_add_norm: the last sublayer output, added to x by the next norm
         for i, block in enumerate(self.transformer.h):
             kv_cache = None if kv_caches is None else kv_caches[i]
-            if self.config.fused_add_norm:
+            if fused:
                 x, delta = block.forward_fused(x, delta, kv_cache)
             else:
                 x = block(x, kv_cache)
         _, h = add_then_norm(self.transformer.ln_f, x, delta)
         logits = self.lm_head(h)
+        if self.config.logit_softcap:  # in fp32: tanh saturates early in bf16
+            c = self.config.logit_softcap
+            logits = c * torch.tanh(logits.float() / c)
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
 
     def optimizer_groups(self, weight_decay):
-        """Weight decay on matrices (embeddings, linear weights) only, never on gains, biases or
-        ScaleNorm's scalar g."""
+        """Weight decay on matrices (embeddings, linear weights) and on parameters a norm marks for it
+        (SeeDNorm's alpha and beta, as its paper does), never on gains, biases or scalars."""
         params = [p for p in self.parameters() if p.requires_grad]
-        return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-                {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        decayed = [p.dim() >= 2 or getattr(p, "weight_decay", False) for p in params]
+        return [{"params": [p for p, d in zip(params, decayed) if d], "weight_decay": weight_decay},
+                {"params": [p for p, d in zip(params, decayed) if not d], "weight_decay": 0.0}]
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, use_cache=True,

@@ -126,6 +126,53 @@ class DyT(nn.Module):
         return y.to(x.dtype)
 
 
+class Derf(nn.Module):
+    """Dynamic erf (Chen et al. 2025, "Stronger Normalization-Free Transformers"): gamma * erf(alpha * x
+    + s) + beta, with learned scalars alpha (initialised to config.derf_alpha; the paper's default 0.5)
+    and s (initialised to 0), gamma and beta per feature (1 and 0), as in the authors' code. Like DyT,
+    a point-wise function with no statistics; with norm_gain = false, erf(alpha * x) with alpha fixed."""
+
+    def __init__(self, dim, config):
+        super().__init__()
+        alpha, shift = torch.tensor(float(config.derf_alpha)), torch.tensor(0.0)
+        if config.norm_gain:
+            self.alpha, self.shift = nn.Parameter(alpha), nn.Parameter(shift)
+            self.weight, self.bias = nn.Parameter(torch.ones(dim)), nn.Parameter(torch.zeros(dim))
+        else:
+            self.register_buffer("alpha", alpha)
+            self.register_buffer("shift", shift)
+            self.weight = self.bias = None
+
+    def forward(self, x):
+        xf = upcast(x)
+        y = torch.erf(self.alpha.to(xf.dtype) * xf + self.shift.to(xf.dtype))
+        if self.weight is not None:
+            y = y * self.weight.to(xf.dtype) + self.bias.to(xf.dtype)
+        return y.to(x.dtype)
+
+
+class SeeDNorm(nn.Module):
+    """SeeDNorm (Cai et al. 2025, ByteDance Seed): (tanh(x . beta) * alpha + gamma) * x / sqrt(mean(x^2)
+    + eps). x . beta is one scalar per token from the un-normalised input, so the gain depends on the
+    input and its norm survives the division. beta starts at 0, alpha and gamma at 1 (the paper's
+    language-model setting): at initialisation it is RMSNorm. The paper decays alpha and beta, so
+    they are marked for weight decay (GPT.optimizer_groups). With norm_gain = false gamma is fixed
+    at 1; alpha and beta, the method itself, are still learned."""
+
+    def __init__(self, dim, config):
+        super().__init__()
+        self.eps = config.norm_eps
+        self.weight = nn.Parameter(torch.ones(dim)) if config.norm_gain else None  # gamma
+        self.alpha, self.beta = nn.Parameter(torch.ones(dim)), nn.Parameter(torch.zeros(dim))
+        self.alpha.weight_decay = self.beta.weight_decay = True
+
+    def forward(self, x):
+        xf = upcast(x)
+        gain = torch.tanh(xf @ self.beta.to(xf.dtype)).unsqueeze(-1) * self.alpha.to(xf.dtype)
+        gain = gain + (1.0 if self.weight is None else self.weight.to(xf.dtype))
+        return (gain * xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
 class Identity(nn.Module):
     """No normalization at all, for ablations."""
 
@@ -143,6 +190,8 @@ NORMS = {
     "prmsnorm": PartialRMSNorm,
     "scalenorm": ScaleNorm,
     "dyt": DyT,
+    "derf": Derf,
+    "seednorm": SeeDNorm,
     "none": Identity,
 }
 
@@ -234,6 +283,11 @@ def check_model_config(config):
     positions = resolve_block_positions(config)
     if config.qk_norm:
         check_norm_name(config.qk_norm, "qk_norm")
+    if config.embed_norm:
+        check_norm_name(config.embed_norm, "embed_norm")
+    if config.norm_scaling == "layer" and set(positions) - {"pre", "peri"}:
+        raise UserError(f"norm_scaling = 'layer' scales the input norms of pre and peri blocks; blocks here are "
+                        f"{', '.join(sorted(set(positions) - {'pre', 'peri'}))} (set norm_position or block_positions)")
     if config.output_norm:
         check_norm_name(config.output_norm, "output_norm")
         if not {"peri", "output"} & set(positions):

@@ -67,8 +67,8 @@ def with_centering(norm, center):
 
 def set_site(model, site, module):
     """Put `module` at a norm site named as in model.diagnostics.norm_sites ("block2.mlp", "block0.q", "final")."""
-    if site == "final":
-        model.transformer.ln_f = module
+    if site in ("final", "embed"):
+        setattr(model.transformer, "ln_f" if site == "final" else "ln_e", module)
         return
     block, suffix = site.split(".")
     owner, attr = site_slot(model.transformer.h[int(block.removeprefix("block"))], dict(SITE_SLOTS)[suffix])
@@ -92,35 +92,31 @@ def removable_sites(model):
 def probe(model, val_tokens, config, accelerator, center=None):
     """One row per norm site: val loss with that site flipped (or, with center=True/False, set to that
     state) and Δ against the unchanged model; without center, also one row per removable site group."""
-    fused = getattr(model.config, "fused_add_norm", False)
-    model.config.fused_add_norm = False  # the fused path calls the norm's own kernel, not the swapped module
-    try:
-        base = evaluate(model, val_tokens, config, accelerator)
-        rows = []
-        for site, norm in norm_sites(model):
-            target = (not recenters(norm)) if center is None else center
-            set_site(model, site, with_centering(norm, target))
-            try:
-                loss = evaluate(model, val_tokens, config, accelerator)
-            finally:
-                set_site(model, site, norm)
-            change = "same" if target == recenters(norm) else \
-                "mean subtraction removed" if recenters(norm) else "mean subtraction added"
-            rows.append({"site": site, "norm": type(norm).__name__, "recenters": recenters(norm), "change": change,
-                         "val_loss": loss, "base_val_loss": base, "delta": loss - base})
-        modules = dict(norm_sites(model))
-        for label, sites, change in ([] if center is not None else removable_sites(model)):
+    # a swapped-in module has no add_norm, so with fused_add_norm its site runs unfused (model/gpt.py)
+    base = evaluate(model, val_tokens, config, accelerator)
+    rows = []
+    for site, norm in norm_sites(model):
+        target = (not recenters(norm)) if center is None else center
+        set_site(model, site, with_centering(norm, target))
+        try:
+            loss = evaluate(model, val_tokens, config, accelerator)
+        finally:
+            set_site(model, site, norm)
+        change = "same" if target == recenters(norm) else \
+            "mean subtraction removed" if recenters(norm) else "mean subtraction added"
+        rows.append({"site": site, "norm": type(norm).__name__, "recenters": recenters(norm), "change": change,
+                     "val_loss": loss, "base_val_loss": base, "delta": loss - base})
+    modules = dict(norm_sites(model))
+    for label, sites, change in ([] if center is not None else removable_sites(model)):
+        for site in sites:
+            set_site(model, site, nn.Identity())
+        try:
+            loss = evaluate(model, val_tokens, config, accelerator)
+        finally:
             for site in sites:
-                set_site(model, site, nn.Identity())
-            try:
-                loss = evaluate(model, val_tokens, config, accelerator)
-            finally:
-                for site in sites:
-                    set_site(model, site, modules[site])
-            rows.append({"site": label, "norm": type(modules[sites[0]]).__name__, "recenters": None, "change": change,
-                         "val_loss": loss, "base_val_loss": base, "delta": loss - base})
-    finally:
-        model.config.fused_add_norm = fused
+                set_site(model, site, modules[site])
+        rows.append({"site": label, "norm": type(modules[sites[0]]).__name__, "recenters": None, "change": change,
+                     "val_loss": loss, "base_val_loss": base, "delta": loss - base})
     return rows
 
 

@@ -45,16 +45,18 @@ WRAPPER_PREFIXES = ("_orig_mod.", "module.")  # added by torch.compile and DDP
 # Keys that change the model's parameters or wiring: a resume may not change them.
 ARCHITECTURE_KEYS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias", "norm", "attn_norm",
                      "mlp_norm", "final_norm", "block_norms", "norm_position", "norm_gain", "prms_fraction",
-                     "qk_norm", "block_positions", "output_norm", "dyt_alpha")
+                     "qk_norm", "block_positions", "output_norm", "dyt_alpha", "derf_alpha", "n_kv_head", "pos_emb",
+                     "rope_theta", "mlp", "mlp_hidden", "tie_embeddings", "logit_softcap", "embed_norm",
+                     "norm_scaling")
 
 
-def clean_state_dict(state_dict):
-    """Strip wrapper prefixes and drop lm_head.weight (tied to wte, saved once)."""
+def clean_state_dict(state_dict, tied=True):
+    """Strip wrapper prefixes; a tied lm_head.weight is transformer.wte.weight, saved once."""
     clean = {}
     for key, value in state_dict.items():
         while key.startswith(WRAPPER_PREFIXES):
             key = key.split(".", 1)[1]
-        if key != "lm_head.weight":
+        if key != "lm_head.weight" or not tied:
             clean[key] = value.detach().contiguous().cpu()
     return clean
 
@@ -106,7 +108,7 @@ def save_checkpoint(accelerator, run_dir, step, model, config, meta, tokenizer_p
     state_dict = accelerator.get_state_dict(model)  # full weights on the main process; a collective under FSDP
     accelerator.wait_for_everyone()  # every process's files are written before the manifest lists them
     if accelerator.is_main_process:
-        save_file(clean_state_dict(state_dict), tmp / WEIGHTS)
+        save_file(clean_state_dict(state_dict, config.tie_embeddings), tmp / WEIGHTS)
         save_config(config, tmp / CONFIG)
         shutil.copyfile(tokenizer_path, tmp / TOKENIZER)
         (tmp / META).write_text(json.dumps({"step": step, "num_processes": accelerator.num_processes, **meta}))
@@ -279,6 +281,7 @@ def load_weights(model, file):
         missing, unexpected = model.load_state_dict(state_dict, strict=False)
     except RuntimeError as e:  # shape mismatch
         raise UserError(f"weights in {str(file)!r} do not fit the model: {str(e).splitlines()[-1].strip()}") from None
-    missing = [k for k in missing if k != "lm_head.weight"]  # tied to transformer.wte.weight
+    if model.config.tie_embeddings:  # lm_head.weight is transformer.wte.weight
+        missing = [k for k in missing if k != "lm_head.weight"]
     if missing or unexpected:
         raise UserError(f"weights in {str(file)!r} do not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
