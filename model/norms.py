@@ -156,20 +156,23 @@ class SeeDNorm(nn.Module):
     + eps). x . beta is one scalar per token from the un-normalised input, so the gain depends on the
     input and its norm survives the division. beta starts at 0, alpha and gamma at 1 (the paper's
     language-model setting): at initialisation it is RMSNorm. The paper decays alpha and beta, so
-    they are marked for weight decay (GPT.optimizer_groups). With norm_gain = false gamma is fixed
-    at 1; alpha and beta, the method itself, are still learned."""
+    they are marked for weight decay (GPT.optimizer_groups). With norm_gain = false nothing is learned
+    and beta stays 0: RMSNorm without a gain, so check_model_config refuses that combination."""
 
     def __init__(self, dim, config):
         super().__init__()
         self.eps = config.norm_eps
-        self.weight = nn.Parameter(torch.ones(dim)) if config.norm_gain else None  # gamma
-        self.alpha, self.beta = nn.Parameter(torch.ones(dim)), nn.Parameter(torch.zeros(dim))
-        self.alpha.weight_decay = self.beta.weight_decay = True
+        gamma, alpha, beta = torch.ones(dim), torch.ones(dim), torch.zeros(dim)
+        if config.norm_gain:
+            self.weight, self.alpha, self.beta = nn.Parameter(gamma), nn.Parameter(alpha), nn.Parameter(beta)
+            self.alpha.weight_decay = self.beta.weight_decay = True
+        else:
+            for name, value in (("weight", gamma), ("alpha", alpha), ("beta", beta)):
+                self.register_buffer(name, value)
 
     def forward(self, x):
         xf = upcast(x)
-        gain = torch.tanh(xf @ self.beta.to(xf.dtype)).unsqueeze(-1) * self.alpha.to(xf.dtype)
-        gain = gain + (1.0 if self.weight is None else self.weight.to(xf.dtype))
+        gain = torch.tanh(xf @ self.beta.to(xf.dtype)).unsqueeze(-1) * self.alpha.to(xf.dtype) + self.weight.to(xf.dtype)
         return (gain * xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
@@ -285,6 +288,11 @@ def check_model_config(config):
         check_norm_name(config.qk_norm, "qk_norm")
     if config.embed_norm:
         check_norm_name(config.embed_norm, "embed_norm")
+    used = {n for pair in blocks for n in pair} | {resolve_norm_stack(config)[1], config.qk_norm, config.output_norm,
+                                                   config.embed_norm}
+    if "seednorm" in used and not config.norm_gain:
+        raise UserError("seednorm with norm_gain = false learns nothing and is rmsnorm without a gain; "
+                        "use norm_gain = true, or rmsnorm")
     if config.norm_scaling == "layer" and set(positions) - {"pre", "peri"}:
         raise UserError(f"norm_scaling = 'layer' scales the input norms of pre and peri blocks; blocks here are "
                         f"{', '.join(sorted(set(positions) - {'pre', 'peri'}))} (set norm_position or block_positions)")

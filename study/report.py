@@ -18,14 +18,26 @@ from study import plots
 from study import sweeps
 from training.runlog import read_diagnostics, read_metrics
 
-RESULT_KEYS = ["variant", "seed", "sweep_value", "status", "initial_val_loss", "final_val_loss", "best_val_loss", "final_train_loss", "tokens_per_s",
+RESULT_KEYS = ["variant", "seed", "sweep_value", "status", "initial_val_loss", "final_val_loss", "final_val_bpb", "best_val_loss", "final_train_loss", "tokens_per_s",
                "wall_seconds", "time_to_target_s", "steps", "n_params", "corpus_hash", "run_seconds", "load_at_start",
                "device", "worker", "run_dir", "error"]
 P_THRESHOLD = 0.05
+# the config keys that decide the tokenizer: runs that differ in any of them have incomparable losses per token
+TOKENIZER_KEYS = ("data", "vocab_size", "tokenizer", "eod_token", "tokenizer_train_bytes", "hf_config", "hf_split",
+                  "hf_text_column", "hf_max_documents", "hf_revision", "val_fraction")
+METRIC_NAMES = {"final_val_loss": "final val loss (nats/token)", "final_val_bpb": "final val bits per byte"}
+
+
+def ranking_metric(configs):
+    """"final_val_loss", or "final_val_bpb" when the runs' tokenizers differ: a loss per token depends on
+    the tokenizer, bits per byte does not (training/evaluation.py)."""
+    same = all(all(getattr(c, k) == getattr(configs[0], k) for k in TOKENIZER_KEYS) for c in configs)
+    return "final_val_loss" if same else "final_val_bpb"
 
 
 def summarize(rows, comparison):
-    """Per variant: mean ± std of final val loss over finished seeds, Welch t-test against the baseline.
+    """Per variant: mean ± std of the ranking metric (comparison.metric: final val loss, or bits per byte
+    when the tokenizers differ) over finished seeds, Welch t-test against the baseline.
 
     Verdict rule: a variant is called "lower"/"higher" than the baseline only when BOTH the Welch
     t-test gives p < 0.05 AND |Δ| >= the pooled seed std, sqrt((s_v² + s_b²) / 2). Otherwise it is
@@ -37,14 +49,17 @@ def summarize(rows, comparison):
     paired_p (shown, not used by the verdict): a paired t-test on the per-seed differences. Runs of one
     seed share their batches and, when the variants change only norms, their random initial weights
     (norm parameters start at constants and draw no random numbers): the pairing is by design."""
+    metric = getattr(comparison, "metric", "final_val_loss")
     ok = [r for r in rows if r["status"] == "ok"]
-    losses = {v: np.array([r["final_val_loss"] for r in ok if r["variant"] == v]) for v in comparison.variants}
+    losses = {v: np.array([r[metric] for r in ok if r["variant"] == v]) for v in comparison.variants}
     summary = []
     for variant in comparison.variants:
         baseline = comparison.baseline_for(variant)
         base = losses[baseline]
         mine, runs = losses[variant], [r for r in ok if r["variant"] == variant]
-        entry = {"variant": variant, "n_ok": len(mine), "n_runs": len(comparison.seeds),
+        bpb = [r.get("final_val_bpb") for r in runs if r.get("final_val_bpb") is not None]
+        entry = {"variant": variant, "metric": metric, "n_ok": len(mine), "n_runs": len(comparison.seeds),
+                 "val_bpb": float(np.mean(bpb)) if bpb else None,
                  "mean": float(mine.mean()) if len(mine) else None,
                  "std": float(mine.std(ddof=1)) if len(mine) > 1 else None,
                  "delta": None, "p_value": None, "paired_p": None, "pooled_std": None,
@@ -60,7 +75,7 @@ def summarize(rows, comparison):
             entry["pooled_std"] = float(np.sqrt((mine.var(ddof=1) + base.var(ddof=1)) / 2))
             p = float(stats.ttest_ind(mine, base, equal_var=False).pvalue)
             entry["p_value"] = None if np.isnan(p) else p
-            mine_by_seed, base_by_seed = ({r["seed"]: r["final_val_loss"] for r in ok if r["variant"] == v}
+            mine_by_seed, base_by_seed = ({r["seed"]: r[metric] for r in ok if r["variant"] == v}
                                           for v in (variant, baseline))
             seeds = sorted(set(mine_by_seed) & set(base_by_seed))
             if len(seeds) >= 2:
@@ -83,14 +98,17 @@ def fmt(value, spec, missing="–"):
 
 
 def markdown_table(summary, comparison):
-    lines = [f"| variant | seeds | final val loss (mean ± std) | Δ vs {comparison.baseline} | Welch p | verdict "
-             f"| paired p | tokens/s | s to val ≤ {comparison.target_val_loss:g} |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    metric = getattr(comparison, "metric", "final_val_loss")
+    other = "val bpb (mean)" if metric == "final_val_loss" else "—"
+    lines = [f"| variant | seeds | {METRIC_NAMES[metric]} (mean ± std) | Δ vs {comparison.baseline} | Welch p | verdict "
+             f"| paired p | {other} | tokens/s | s to val ≤ {comparison.target_val_loss:g} |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for e in summary:
         loss = f"{fmt(e['mean'], '.4f')} ± {fmt(e['std'], '.4f')}"
         reached = "not reached" if not e["n_reached"] else f"{e['time_to_target_s']:.1f} ({e['n_reached']}/{e['n_ok']})"
+        bpb = fmt(e.get("val_bpb"), ".4f") if metric == "final_val_loss" else "—"
         lines.append(f"| {e['variant']} | {e['n_ok']}/{e['n_runs']} | {loss} | {fmt(e['delta'], '+.4f')} "
-                     f"| {fmt(e['p_value'], '.3f')} | {e['verdict']} | {fmt(e['paired_p'], '.3f')} "
+                     f"| {fmt(e['p_value'], '.3f')} | {e['verdict']} | {fmt(e['paired_p'], '.3f')} | {bpb} "
                      f"| {fmt(e['tokens_per_s'], ',.0f')} | {reached} |")
     return "\n".join(lines)
 
@@ -127,8 +145,11 @@ def write_outputs(rows, comparison, header):
     ok = [r for r in rows if r["status"] == "ok"]
     curves = {v: [read_metrics(r["run_dir"]) for r in ok if r["variant"] == v] for v in comparison.variants}
     plots.plot_loss_curves(curves, out / "val_loss_vs_step.png", out / "val_loss_vs_time.png", comparison.name)
-    text = [f"# Comparison {comparison.name}", "", *header, "", markdown_table(summary, comparison), "",
-            f"Verdict rule: a variant differs from the baseline only if the Welch t-test (final val loss over "
+    metric = getattr(comparison, "metric", "final_val_loss")
+    ranked = "Ranked by final val loss (the runs share one tokenizer)." if metric == "final_val_loss" else \
+        "Ranked by val bits per byte: the runs' tokenizers differ, so their losses per token are not comparable."
+    text = [f"# Comparison {comparison.name}", "", *header, "", ranked, "", markdown_table(summary, comparison), "",
+            f"Verdict rule: a variant differs from the baseline only if the Welch t-test ({METRIC_NAMES[metric]} over "
             f"seeds) gives p < {P_THRESHOLD} AND |Δ| >= the pooled seed std sqrt((s² + s_baseline²) / 2); "
             f"otherwise \"within seed noise\" (|Δ| < pooled std) or \"not significant\" (p >= {P_THRESHOLD}). "
             f"No correction for testing {len(comparison.variants) - 1} variants at once. "

@@ -37,7 +37,9 @@ def syncs_after_each_step(config):
     return {k: at_step[k] - at_step[k - 1] for k in range(1, len(at_step))}
 
 
-@pytest.mark.parametrize("extras", [{}, {"grad_accum": 2, "z_loss": 1e-4, "diagnostics": True, "grad_clip": 1.0}])
+@pytest.mark.parametrize("extras", [{}, {"grad_accum": 2, "z_loss": 1e-4, "diagnostics": True, "grad_clip": 1.0},
+                                    {"pos_emb": "rope", "mlp": "swiglu", "logit_softcap": 15.0, "z_loss": 1e-4,
+                                     "tie_embeddings": False}])
 def test_steps_that_do_not_log_make_no_host_sync(tiny_config, extras):
     config = tiny_config(max_steps=12, log_interval=5, eval_interval=10, **extras)
     syncs = syncs_after_each_step(config)
