@@ -255,3 +255,20 @@ def test_val_bpb_on_a_hand_made_window(small_model_config):
     assert loss == pytest.approx(math.log(300), rel=1e-6)
     assert bpb == pytest.approx(3 * math.log(300) / (math.log(2) * 6), rel=1e-6)
     assert evaluate_loss_and_bpb(model, tokens, config, Accelerator(cpu=True))[1] is None
+
+
+def test_a_comparison_across_tokenizers_ranks_by_bits_per_byte(small_model_config):
+    from types import SimpleNamespace
+    from study.report import markdown_table, ranking_metric, summarize
+    same = [small_model_config(), small_model_config(norm="rmsnorm")]
+    assert ranking_metric(same) == "final_val_loss"
+    assert ranking_metric(same + [small_model_config(vocab_size=512)]) == "final_val_bpb"
+    # per token, "big" (a larger vocabulary) looks worse; per byte it is better, and that is the ranking
+    rows = [{"variant": v, "seed": s, "status": "ok", "final_val_loss": loss + 0.01 * s, "final_val_bpb": bpb + 0.001 * s,
+             "tokens_per_s": 1.0, "time_to_target_s": None}
+            for s in (1, 2, 3) for v, loss, bpb in (("small", 3.0, 1.40), ("big", 4.0, 1.20))]
+    comparison = SimpleNamespace(variants=["small", "big"], seeds=[1, 2, 3], baseline="small", target_val_loss=3.5,
+                                 metric="final_val_bpb", baseline_for=lambda v: "small")
+    summary = summarize(rows, comparison)
+    assert summary[1]["delta"] == pytest.approx(-0.20) and summary[1]["verdict"] == "lower (better)"
+    assert "final val bits per byte" in markdown_table(summary, comparison)
