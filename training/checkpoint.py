@@ -27,9 +27,11 @@ which newer ones they skipped and why. Nothing is deleted for it; a resumed run 
 of a skipped checkpoint moves that folder aside to corrupt_step_XXXXXXX.N before saving its own.
 """
 import json
+import math
 import os
 import shutil
 import sys
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
@@ -67,14 +69,24 @@ def list_checkpoints(run_dir):
     return sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith("step_"))
 
 
-class Counters(dict):
-    """The run's step, tokens seen, best loss...: a dict that accelerate's save_state keeps."""
+@dataclass
+class Counters:
+    """What the training loop counts, saved in every checkpoint (state/custom_checkpoint_1.pkl, as a
+    dict of these names: accelerate's save_state calls state_dict, load_state calls load_state_dict)."""
+    step: int = 0
+    tokens_seen: int = 0
+    elapsed_s: float = 0.0  # training seconds, evaluation and saving left out
+    best_val_loss: float = math.inf
+    skipped_steps: int = 0
+    bad_steps_in_row: int = 0  # non-finite steps in a row up to the last log step
 
     def state_dict(self):
-        return dict(self)
+        return asdict(self)
 
     def load_state_dict(self, saved):
-        self.update(saved)
+        for f in fields(self):
+            if f.name in saved:
+                setattr(self, f.name, saved[f.name])
 
 
 def track_training_state(accelerator, batches, counters):
