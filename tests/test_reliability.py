@@ -179,8 +179,8 @@ def test_a_damaged_latest_checkpoint_is_skipped_and_kept(reference, tmp_path, da
 
 
 def as_old_format(folder):
-    """Turn a checkpoint into the layout saved before state/ existed (train_state.pt and rng_rank0.pt
-    beside the weights, no manifest): the files that format check and sampling look at."""
+    """Turn a checkpoint into the older layout (train_state.pt and rng_rank0.pt beside the weights
+    instead of state/, no manifest): the files that format check and sampling look at."""
     shutil.rmtree(folder / "state")
     (folder / "manifest.json").unlink()
     torch.save({"optimizer": {}, "batches": {}, "counters": {}, "scaler": None}, folder / "train_state.pt")
@@ -199,7 +199,7 @@ def test_checkpoints_of_the_old_format_sample_and_refuse_to_resume_in_one_line(r
         train(config, resume=True, log=lambda *_: None)
     message = str(refused.value)
     assert "\n" not in message and message.startswith(f"no intact checkpoint in {str(config.out_dir)!r}")
-    assert "step_0000030: it was saved before checkpoints kept accelerate's state/ (train_state.pt); " \
+    assert "step_0000030: it is in the older format (train_state.pt instead of state/); " \
            "it can be sampled but not resumed here" in message
     assert {p: p.read_bytes() for p in Path(config.out_dir).rglob("*") if p.is_file() and p.name != "run.lock"} == before
 

@@ -18,8 +18,8 @@ It is built in a temporary folder and renamed into place only when complete, so 
 save leaves the previous checkpoint intact and never a half-written one under a real name. Every
 process writes into it, so with several nodes the run folder must be on a filesystem they share.
 
-Checkpoints saved before state/ existed (train_state.pt and rng_rank<R>.pt instead) still sample and
-analyze; a resume from one is refused in one line.
+Checkpoints of the older format (train_state.pt and rng_rank<R>.pt instead of state/, no manifest)
+sample and analyze; a resume from one is refused in one line.
 
 A checkpoint is checked against its manifest before use (a disk that filled up, a copy that was cut
 short, a file deleted by hand): --resume and sample.py take the newest intact one and say in one line
@@ -41,7 +41,7 @@ from data.prepare import file_sha256
 
 WEIGHTS, STATE, CONFIG, TOKENIZER, META = "model.safetensors", "state", "config.json", "tokenizer.json", "meta.json"
 MANIFEST = "manifest.json"
-OLD_TRAIN_STATE = "train_state.pt"  # the format before state/: sampled, never resumed
+OLD_TRAIN_STATE = "train_state.pt"  # the older format's training state: such checkpoints sample, never resume
 SAMPLE_FILES = (WEIGHTS, CONFIG, TOKENIZER, META)  # what sampling needs; a resume needs every file
 WRAPPER_PREFIXES = ("_orig_mod.", "module.")  # added by torch.compile and DDP
 # Keys that change the model's parameters or wiring: a resume may not change them.
@@ -147,14 +147,14 @@ def unused_name(path):
 
 def checkpoint_problem(folder, for_resume):
     """Why a checkpoint folder cannot be used (for a resume, or only for sampling), or None if it can.
-    Files are checked against the sizes and hashes in its manifest; a checkpoint saved before
-    manifests existed gets a lighter check (every file present and non-empty, its JSON readable)."""
+    Files are checked against the sizes and hashes in its manifest; a checkpoint without one (the
+    older format) gets a lighter check (every file present and non-empty, its JSON readable)."""
     folder = Path(folder)
     documents = {}
     for name in (MANIFEST, META, CONFIG):
         path = folder / name
         if name == MANIFEST and not path.exists():
-            continue  # saved before manifests existed
+            continue  # the older format has none
         try:
             documents[name] = json.loads(path.read_text())
         except FileNotFoundError:
@@ -169,8 +169,8 @@ def checkpoint_problem(folder, for_resume):
             isinstance(v, dict) and {"size", "sha256"} <= set(v) for v in manifest.values())):
         return f"{MANIFEST} is malformed"
     if for_resume and ((folder / OLD_TRAIN_STATE).exists() or manifest is None):
-        return (f"it was saved before checkpoints kept accelerate's state/ ({OLD_TRAIN_STATE}); it can be "
-                f"sampled but not resumed here (resume it with normgpt commit fa96f3f or earlier)")
+        return (f"it is in the older format ({OLD_TRAIN_STATE} instead of {STATE}/); it can be sampled but not "
+                f"resumed here (the normgpt version that wrote it resumes it)")
     needed = list(SAMPLE_FILES)
     if for_resume:  # every file the manifest lists, and each process's RNG states even if it does not
         from accelerate.utils import RNG_STATE_NAME  # here: sampling need not import accelerate
