@@ -18,20 +18,7 @@ import train as train_module
 from training import evaluation
 from study.probe import run_probe
 from config import UserError
-from repo import ROOT
-
-
-
-def write_comparison(folder, cache, variants, seeds=(1, 2), extra_base=""):
-    """A comparison TOML based on configs/tiny.toml, with its outputs and data cache in tmp folders."""
-    text = [f'base_config = "{ROOT / "configs" / "tiny.toml"}"', f'out_dir = "{folder / "out"}"',
-            f"seeds = {list(seeds)}", 'baseline = "layernorm"', "target_val_loss = 5.6", "",
-            "[base]", f'cache_dir = "{cache}"', "diagnostics = true", extra_base]
-    for name, overrides in variants.items():
-        text += [f"[variants.{name}]"] + [f"{k} = {json.dumps(v)}" for k, v in overrides.items()]
-    path = folder / "comparison.toml"
-    path.write_text("\n".join(text) + "\n")
-    return path
+from repo import ROOT, write_comparison
 
 
 class HashedBatches(train_module.TrainBatches):
@@ -82,6 +69,7 @@ def test_the_shipped_tiny_comparison_is_two_variants_by_two_seeds():
     assert len(default.variants) == 5 and len(default.seeds) == 3
 
 
+@pytest.mark.slow
 def test_tiny_comparison_produces_every_file(tiny):
     _, out, rows, _, _, _ = tiny
     for name in ["results.csv", "results.json", "summary.md", "summary.json", "val_loss_vs_step.png",
@@ -95,6 +83,7 @@ def test_tiny_comparison_produces_every_file(tiny):
     assert "![val loss vs time](val_loss_vs_time.png)" in (out / "summary.md").read_text()
 
 
+@pytest.mark.slow
 def test_same_seed_same_batches_for_every_variant(tiny):
     *_, train_digests, val_digests = tiny
     ln1, rms1, ln2, rms2 = train_digests  # runs in order: seeds outer, variants inner
@@ -114,6 +103,7 @@ def test_variants_of_one_seed_start_from_the_same_random_weights():
     assert all(torch.equal(weights[0][k], w[k]) for w in weights[1:] for k in weights[0])
 
 
+@pytest.mark.slow
 def test_summary_agrees_with_per_run_files(tiny):
     _, out, _, summary, _, _ = tiny
     with open(out / "results.csv") as f:
@@ -137,6 +127,7 @@ def test_summary_agrees_with_per_run_files(tiny):
     assert rms["verdict"] in ("within seed noise", "not significant (p ≥ 0.05)", "lower (better)", "higher (worse)")
 
 
+@pytest.mark.slow
 def test_restart_skips_finished_runs_and_resumes_an_interrupted_one(tiny, monkeypatch):
     path, out, rows, summary, _, _ = tiny
     (Path(rows[3]["run_dir"]) / "result.json").unlink()  # as if killed after its last checkpoint
@@ -149,6 +140,7 @@ def test_restart_skips_finished_runs_and_resumes_an_interrupted_one(tiny, monkey
     assert [r["final_val_loss"] for r in again] == pytest.approx([r["final_val_loss"] for r in rows])
 
 
+@pytest.mark.slow
 def test_a_changed_config_is_not_mixed_with_old_runs(tiny, tmp_path):
     path, *_ = tiny
     changed = tmp_path / "changed.toml"
@@ -157,6 +149,7 @@ def test_a_changed_config_is_not_mixed_with_old_runs(tiny, tmp_path):
         compare.compare(changed, log=lambda *a: None)
 
 
+@pytest.mark.slow
 def test_probe_on_a_trained_run(tiny):
     _, _, rows, *_ = tiny
     run_dir = Path(rows[1]["run_dir"])

@@ -119,6 +119,7 @@ def test_z_loss_is_the_mean_squared_log_normaliser():
     torch.testing.assert_close(z_loss(logits), expected)
 
 
+@pytest.mark.slow
 def test_z_loss_is_logged_apart_and_val_loss_stays_cross_entropy(tiny_config):
     from training.runlog import read_metrics
     from train import train

@@ -18,7 +18,6 @@ from norm_checks import EPS, TOL, assert_close, dx_scale, rms_norm_fp64
 from repo import ROOT
 
 
-
 @pytest.fixture(scope="module")
 def ops():
     ops = cpu_kernel.cpu_ops()

@@ -11,7 +11,7 @@ import compare
 from study import sweeps
 import train as train_module
 from config import UserError
-from test_compare import write_comparison
+from repo import write_comparison
 
 
 def test_grid_crosses_variants_values_and_seeds(tmp_path, shared_cache):
@@ -140,7 +140,7 @@ def test_the_shipped_stability_study_is_seven_setups_by_three_rates_by_two_seeds
     assert configs["dyt@learning_rate=0.003"].min_lr == pytest.approx(3e-4)
 
 
-def test_a_run_finished_before_the_new_keys_existed_is_still_skipped(tmp_path, shared_cache):
+def test_a_finished_run_whose_saved_config_lacks_newer_keys_is_skipped(tmp_path, shared_cache):
     path = write_comparison(tmp_path, shared_cache, {"layernorm": {"norm": "layernorm"}}, seeds=(1,))
     [(label, seed, config)] = compare.load_comparison(path).runs
     old = {k: v for k, v in config.to_dict().items() if k not in ("qk_norm", "block_positions", "output_norm",
