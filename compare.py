@@ -163,7 +163,7 @@ def finished_row(variant, seed, config):
     if not done.exists():
         return None
     saved = json.loads(done.read_text())
-    saved_config = {**Config().to_dict(), **saved["config"]}  # keys added since it ran take their defaults
+    saved_config = {**Config().to_dict(), **saved["config"]}  # a key it lacks is newer than the run: its default
     if saved_config != config.to_dict():
         changed = sorted(k for k, v in config.to_dict().items() if saved_config.get(k) != v)
         raise UserError(f"{config.out_dir} was trained with a different config ({', '.join(changed)}); "

@@ -9,25 +9,26 @@ import math
 import random
 import sys
 import time
-from contextlib import ExitStack
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.distributed.tensor import DTensor
 from accelerate.utils import DistributedType
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
-from training.checkpoint import (Counters, check_resumable, list_checkpoints, load_checkpoint, newest_intact_checkpoint,
-                        save_checkpoint, track_training_state)
 from config import UserError, check_folder, load_config, run_main
 from data.batches import TrainBatches, validation_batches
 from data.prepare import check_data_size, prepare_data
 from data.tokenizer import token_byte_lengths
-from training.distributed import check_shared_run_folder, decided_on_main, make_accelerator, release_accelerator
 from model import GPT, check_model_config
 from model.diagnostics import Diagnostics
 from model.gpt import z_loss
+from training.checkpoint import (Counters, check_resumable, list_checkpoints, load_checkpoint,
+                                 newest_intact_checkpoint, save_checkpoint, track_training_state)
+from training.distributed import (check_shared_run_folder, decided_on_main, held_by_main_process, make_accelerator,
+                                  release_accelerator)
 from training.evaluation import evaluate_loss_and_bpb
 from training.runlog import RunLog, run_folder_lock
 
@@ -50,28 +51,6 @@ class TrainingDiverged(UserError):
     """Too many non-finite steps in a row; the last good checkpoint is kept."""
 
 
-def start_trackers(accelerator, config, step):
-    """Trackers named as the config says; a resume drops what a tracker logged after its checkpoint."""
-    name = config.tracker_run_name or Path(config.out_dir).name
-    hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in config.to_dict().items()}
-    accelerator.init_trackers(config.tracker_project or Path(config.out_dir).name, config=hparams, init_kwargs={
-        "tensorboard": {"purge_step": step} if step else {}, "wandb": {"name": name}, "trackio": {"name": name},
-        "mlflow": {"run_name": name}})
-
-
-def tracker_scalars(entry, diagnostics=None):
-    """A metrics.jsonl line (and a diagnostics line) as flat tracker scalars, e.g. val/loss."""
-    names = {"train_loss": "train/loss", "val_loss": "val/loss", "lr": "train/lr", "tokens_per_s": "train/tokens_per_s",
-             "skipped_steps": "train/skipped_steps", "tokens_seen": "train/tokens_seen", "train_z_loss": "train/z_loss",
-             "val_bpb": "val/bpb"}
-    scalars = {names[k]: v for k, v in entry.items() if k in names and v is not None}
-    for key, values in (diagnostics or {}).items():
-        if isinstance(values, list) and key != "sites":
-            labels = diagnostics["sites"] if len(values) == len(diagnostics["sites"]) else [f"block{i}" for i in range(len(values))]
-            scalars.update({f"diagnostics/{key}/{label}": v for label, v in zip(labels, values) if v is not None})
-    return scalars
-
-
 def train(config, resume=False, log=None):
     """Train (or resume) the run in config.out_dir; returns a summary dict of the run."""
     check_model_config(config)  # a bad norm stack fails here, before any data is prepared
@@ -81,15 +60,13 @@ def train(config, resume=False, log=None):
         raise UserError(f"--resume: {config.out_dir!r} does not exist; give the out_dir of the run to continue")
     accelerator = make_accelerator(config)
     try:
-        with ExitStack() as owned:
-            # the run folder belongs to this launch until it ends: the main process holds its lock
-            # (a new run needs a folder without checkpoints, a resume one with checkpoints)
-            take = run_folder_lock(config.out_dir, check=lambda: check_run_folder(config.out_dir, resume))
-            decided_on_main(accelerator, lambda: owned.enter_context(take))
+        # the run folder belongs to this launch until it ends: the main process holds its lock
+        lock = run_folder_lock(config.out_dir, check=partial(check_run_folder, config.out_dir, resume))
+        with held_by_main_process(accelerator, lock):
             check_shared_run_folder(accelerator, config.out_dir)
             result = _train(config, resume, log or accelerator.print, accelerator)
-            # every process is past its last collective before any tears the group down (a gloo
-            # process once aborted at exit in CI, after a run that had finished; not reproduced since)
+            # every process is past its last collective before any tears the process group down: a
+            # process that leaves early can abort one that is still inside a collective
             accelerator.wait_for_everyone()
             return result
     finally:
@@ -108,8 +85,8 @@ def check_run_folder(run_dir, resume):
 def _train(config, resume, log, accelerator):
     run_dir = Path(config.out_dir)
 
-    # one process per machine builds a missing data cache; the others poll its folder rather than
-    # wait inside a collective, which would time out on a large corpus
+    # --- data: one process per machine builds a missing cache; the others poll its folder rather
+    # than wait inside a collective, which would time out on a large corpus
     data = prepare_data(config, log=log, build=accelerator.is_local_main_process)
     check_data_size(data, config.block_size)
     train_tokens, val_tokens = data.tokens("train"), data.tokens("val")
@@ -118,8 +95,120 @@ def _train(config, resume, log, accelerator):
         start = Path(decided_on_main(accelerator, lambda: str(newest_intact_checkpoint(run_dir, True, log))))
         check_resumable(start, config, data.tokenizer_hash, accelerator.num_processes, sharding)
 
-    # the same initial weights on every process (FSDP shards each process's own copy; nothing
-    # broadcasts them), then a random stream per process: distinct dropout masks
+    # --- model, optimizer, and the state a checkpoint restores
+    model, optimizer, fused = build_model(config, accelerator, log, sharding)
+    batches = TrainBatches(train_tokens, config.block_size, config.batch_size, config.seed,
+                           accelerator.process_index, accelerator.num_processes)
+    counters = Counters()
+    track_training_state(accelerator, batches, counters)
+    if resume:
+        load_checkpoint(start, accelerator)
+        log(f"resumed from {start} at step {counters.step}")
+    meta = {"tokenizer_hash": data.tokenizer_hash, "corpus_hash": data.corpus_hash, "sharding": sharding}
+
+    # --- where each log step goes
+    runlog = RunLog(run_dir) if accelerator.is_main_process else None
+    if runlog is not None:
+        runlog.start(config, data.tokenizer_path, counters.step)
+    diagnostics = None
+    if config.diagnostics:
+        # one batch of fixed validation windows, spread over the whole validation split
+        x, _, _ = next(validation_batches(val_tokens, config.block_size, config.batch_size, config.batch_size,
+                                          device=accelerator.device))
+        diagnostics = Diagnostics(accelerator.unwrap_model(model), x)
+    if config.tracker_names():
+        start_trackers(accelerator, config, counters.step)
+    record = Recorder(runlog, diagnostics, accelerator, config.tracker_names())
+    # fp16's grad scaler owns the optimizer's on-device skip flag, so fp16 asks the host every step
+    non_finite = NonFiniteSteps(accelerator.device, counters.bad_steps_in_row, config.max_bad_steps,
+                                on_device=fused and config.mixed_precision != "fp16")
+
+    # --- the loop
+    token_bytes = torch.from_numpy(token_byte_lengths(data.load_tokenizer()))  # val_bpb's byte counts
+    val_loss = val_bpb = None
+    if counters.step == 0:
+        val_loss, val_bpb = evaluate_loss_and_bpb(model, val_tokens, config, accelerator, token_bytes)
+        record(step=0, train_loss=None, val_loss=val_loss, val_bpb=val_bpb, lr=learning_rate(0, config), tokens_seen=0,
+               elapsed_s=0.0, tokens_per_s=None, skipped_steps=0)
+    tokens_per_step = config.batch_size * config.block_size * config.grad_accum * accelerator.num_processes
+    progress = tqdm(total=config.max_steps, initial=counters.step, disable=not accelerator.is_local_main_process,
+                    desc="train", dynamic_ncols=True)
+    # training time runs from one log step's host sync to the next: steps are queued without waiting
+    # for the device, so only a sync says they are done; evaluation and saving are left out
+    interval_tokens, interval_start, interval_first, train_loss = 0, time.perf_counter(), counters.step + 1, None
+    while counters.step < config.max_steps:
+        lr = learning_rate(counters.step, config)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        step_loss, step_z_loss = forward_backward(model, batches, config, accelerator)
+        # once per optimizer step, on synced gradients; with grad_clip = 0 this only measures the norm
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.grad_clip or float("inf"))
+        finite, applied = step_is_finite(step_loss, grad_norm, config, accelerator)
+        if diagnostics is not None:  # the gradients as the optimizer sees them, before they are zeroed
+            diagnostics.read_gradients(applied)
+        non_finite.step(optimizer, finite, counters.step + 1)
+        optimizer.zero_grad(set_to_none=True)
+        counters.step += 1
+        counters.tokens_seen += tokens_per_step
+        interval_tokens += tokens_per_step
+        progress.update(1)
+
+        step = counters.step
+        is_eval = step % config.eval_interval == 0 or step == config.max_steps
+        if step % config.log_interval == 0 or is_eval:
+            skipped, counters.bad_steps_in_row, stopped_at = non_finite.read()  # syncs; before any checkpoint
+            interval_time = time.perf_counter() - interval_start
+            counters.elapsed_s += interval_time
+            if skipped and accelerator.is_main_process:
+                progress.write(f"steps {interval_first}-{step}: {skipped} skipped (non-finite loss or gradient)")
+            counters.skipped_steps += skipped
+            if stopped_at:
+                last = list_checkpoints(run_dir)
+                raise TrainingDiverged(
+                    f"training stopped at step {stopped_at}: {config.max_bad_steps} non-finite steps in a row; "
+                    f"last good checkpoint: {last[-1] if last else 'none (no checkpoint was saved yet)'}")
+            train_loss = accelerator.reduce(step_loss, reduction="mean").item()
+            aux_log = {"train_z_loss": accelerator.reduce(step_z_loss, reduction="mean").item()} if config.z_loss else {}
+            val_loss, val_bpb = evaluate_loss_and_bpb(model, val_tokens, config, accelerator, token_bytes) \
+                if is_eval else (None, None)
+            if val_loss is not None:
+                counters.best_val_loss = min(counters.best_val_loss, val_loss)
+            tokens_per_s = interval_tokens / interval_time
+            record(step=step, train_loss=train_loss, **aux_log, val_loss=val_loss, val_bpb=val_bpb, lr=lr, tokens_seen=counters.tokens_seen,
+                   elapsed_s=round(counters.elapsed_s, 4), tokens_per_s=round(tokens_per_s, 1),
+                   skipped_steps=counters.skipped_steps)
+            postfix = {"loss": f"{train_loss:.3f}", "tok/s": f"{tokens_per_s:,.0f}"}
+            if val_loss is not None:
+                postfix["val"] = f"{val_loss:.3f}"
+            progress.set_postfix(postfix, refresh=False)
+            if is_eval:
+                save_checkpoint(accelerator, run_dir, step, model, config, meta, data.tokenizer_path,
+                                config.keep_checkpoints)
+            interval_tokens, interval_start, interval_first = 0, time.perf_counter(), step + 1
+    progress.close()
+
+    # --- the summary
+    if val_loss is None:  # resumed a run that had already finished
+        val_loss, val_bpb = evaluate_loss_and_bpb(model, val_tokens, config, accelerator, token_bytes)
+    result = {
+        "run_dir": str(run_dir), "steps": counters.step, "final_val_loss": val_loss, "final_val_bpb": val_bpb,
+        "best_val_loss": min(counters.best_val_loss, val_loss), "final_train_loss": train_loss,
+        "tokens_per_s": counters.tokens_seen / max(counters.elapsed_s, 1e-9),
+        "wall_seconds": counters.elapsed_s, "n_params": accelerator.unwrap_model(model).num_params(),
+        "corpus_hash": data.corpus_hash, "unigram_entropy": data.unigram_entropy,
+        "skipped_steps": counters.skipped_steps,
+    }
+    bpb = f" ({val_bpb:.4f} bits/byte)" if val_bpb is not None else ""
+    log(f"done: step {result['steps']}, val loss {val_loss:.4f} nats/token{bpb} "
+        f"(unigram entropy of the corpus: {data.unigram_entropy:.4f}), "
+        f"{result['tokens_per_s']:,.0f} tokens/s, {result['wall_seconds']:.0f}s of training -> {run_dir}")
+    return result
+
+
+def build_model(config, accelerator, log, sharding):
+    """(model, optimizer, fused) prepared by accelerate. Every process builds the same initial weights
+    (FSDP shards each process's own copy; nothing broadcasts them), then draws from a random stream of
+    its own: distinct dropout masks."""
     seed_everything(config.seed)
     model = GPT(config)
     seed_everything(config.seed + accelerator.process_index)
@@ -133,162 +222,57 @@ def _train(config, resume, log, accelerator):
     if config.compile:
         model = torch.compile(model)
     model, optimizer = accelerator.prepare(model, optimizer)
-    batches = TrainBatches(train_tokens, config.block_size, config.batch_size, config.seed,
-                           accelerator.process_index, accelerator.num_processes)
-    state = Counters(step=0, tokens_seen=0, elapsed_s=0.0, best_val_loss=float("inf"), skipped_steps=0,
-                     bad_steps_in_row=0)
-    track_training_state(accelerator, batches, state)
-    if resume:
-        load_checkpoint(start, accelerator)
-        log(f"resumed from {start} at step {state['step']}")
-
-    runlog = RunLog(run_dir) if accelerator.is_main_process else None
-    if runlog is not None:
-        runlog.start(config, data.tokenizer_path, state["step"])
-
-    # per-layer norm statistics at every eval (config.diagnostics; model/diagnostics.py), measured on
-    # every process (under FSDP its forward is a collective), written by the main process
-    diagnostics = None
-    if config.diagnostics:
-        # one batch of fixed validation windows, spread over the whole validation split
-        x, _, _ = next(validation_batches(val_tokens, config.block_size, config.batch_size, config.batch_size,
-                                          device=accelerator.device))
-        diagnostics = Diagnostics(accelerator.unwrap_model(model), optimizer, x)
-
-    if config.tracker_names():
-        start_trackers(accelerator, config, state["step"])
-    # fp16's grad scaler owns the optimizer's on-device skip flag, so fp16 asks the host every step
-    non_finite = NonFiniteSteps(accelerator.device, state["bad_steps_in_row"], config.max_bad_steps,
-                                on_device=fused and config.mixed_precision != "fp16")
-
-    def record(**entry):
-        measured = None
-        if diagnostics is not None and entry["val_loss"] is not None:
-            measured = diagnostics.measure(entry["step"])
-        if runlog is not None:
-            runlog.metrics(entry)
-            if measured is not None:
-                runlog.diagnostics(measured)
-            if config.tracker_names():
-                accelerator.log(tracker_scalars(entry, measured), step=entry["step"])
-
-    def checkpoint():
-        meta = {"tokenizer_hash": data.tokenizer_hash, "corpus_hash": data.corpus_hash, "sharding": sharding}
-        save_checkpoint(accelerator, run_dir, state["step"], model, config, meta, data.tokenizer_path,
-                        config.keep_checkpoints)
-
-    token_bytes = torch.from_numpy(token_byte_lengths(data.load_tokenizer()))  # val_bpb's byte counts
-    val_loss = val_bpb = None
-    if state["step"] == 0:
-        val_loss, val_bpb = evaluate_loss_and_bpb(model, val_tokens, config, accelerator, token_bytes)
-        record(step=0, train_loss=None, val_loss=val_loss, val_bpb=val_bpb, lr=learning_rate(0, config), tokens_seen=0,
-               elapsed_s=0.0, tokens_per_s=None, skipped_steps=0)
-    tokens_per_step = config.batch_size * config.block_size * config.grad_accum * accelerator.num_processes
-    progress = tqdm(total=config.max_steps, initial=state["step"], disable=not accelerator.is_local_main_process,
-                    desc="train", dynamic_ncols=True)
-    # training time runs from one log step's host sync to the next: steps are queued without waiting
-    # for the device, so only a sync says they are done; evaluation and saving are left out
-    interval_tokens, interval_start, interval_first, train_loss = 0, time.perf_counter(), state["step"] + 1, None
-    while state["step"] < config.max_steps:
-        lr = learning_rate(state["step"], config)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        step_loss = torch.zeros((), device=accelerator.device)
-        step_z_loss = torch.zeros((), device=accelerator.device)  # the auxiliary term, logged apart from the CE
-        for _ in range(config.grad_accum):
-            x, y = batches.next(accelerator.device)
-            with accelerator.accumulate(model):  # all-reduces gradients on the last micro-step only
-                logits, loss = model(x, y)
-                batches.prefetch(accelerator.device)  # gathered and copied while the device computes
-                aux = config.z_loss * z_loss(logits) if config.z_loss else None
-                accelerator.backward(loss if aux is None else loss + aux)  # divides by grad_accum itself
-            step_loss += loss.detach().float() / config.grad_accum
-            if config.z_loss:
-                step_z_loss += aux.detach().float() / config.grad_accum
-        # once per optimizer step, on synced gradients; with grad_clip = 0 this only measures the norm
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.grad_clip or float("inf"))
-        non_finite.step(optimizer, step_is_finite(step_loss, grad_norm, config, accelerator), state["step"] + 1)
-        optimizer.zero_grad(set_to_none=True)
-        state["step"] += 1
-        state["tokens_seen"] += tokens_per_step
-        interval_tokens += tokens_per_step
-        progress.update(1)
-
-        step = state["step"]
-        is_eval = step % config.eval_interval == 0 or step == config.max_steps
-        if step % config.log_interval == 0 or is_eval:
-            skipped, state["bad_steps_in_row"], stopped_at = non_finite.read()  # syncs; before any checkpoint
-            interval_time = time.perf_counter() - interval_start
-            state["elapsed_s"] += interval_time
-            if skipped and accelerator.is_main_process:
-                progress.write(f"steps {interval_first}-{step}: {skipped} skipped (non-finite loss or gradient)")
-            state["skipped_steps"] += skipped
-            if stopped_at:
-                last = list_checkpoints(run_dir)
-                raise TrainingDiverged(
-                    f"training stopped at step {stopped_at}: {config.max_bad_steps} non-finite steps in a row; "
-                    f"last good checkpoint: {last[-1] if last else 'none (no checkpoint was saved yet)'}")
-            train_loss = accelerator.reduce(step_loss, reduction="mean").item()
-            aux_log = {"train_z_loss": accelerator.reduce(step_z_loss, reduction="mean").item()} if config.z_loss else {}
-            val_loss, val_bpb = evaluate_loss_and_bpb(model, val_tokens, config, accelerator, token_bytes) \
-                if is_eval else (None, None)
-            if val_loss is not None:
-                state["best_val_loss"] = min(state["best_val_loss"], val_loss)
-            tokens_per_s = interval_tokens / interval_time
-            record(step=step, train_loss=train_loss, **aux_log, val_loss=val_loss, val_bpb=val_bpb, lr=lr, tokens_seen=state["tokens_seen"],
-                   elapsed_s=round(state["elapsed_s"], 4), tokens_per_s=round(tokens_per_s, 1),
-                   skipped_steps=state["skipped_steps"])
-            postfix = {"loss": f"{train_loss:.3f}", "tok/s": f"{tokens_per_s:,.0f}"}
-            if val_loss is not None:
-                postfix["val"] = f"{val_loss:.3f}"
-            progress.set_postfix(postfix, refresh=False)
-            if is_eval:
-                checkpoint()
-            interval_tokens, interval_start, interval_first = 0, time.perf_counter(), step + 1
-    progress.close()
-    if val_loss is None:  # resumed a run that had already finished
-        val_loss, val_bpb = evaluate_loss_and_bpb(model, val_tokens, config, accelerator, token_bytes)
-    result = {
-        "run_dir": str(run_dir), "steps": state["step"], "final_val_loss": val_loss, "final_val_bpb": val_bpb,
-        "best_val_loss": min(state["best_val_loss"], val_loss), "final_train_loss": train_loss,
-        "tokens_per_s": state["tokens_seen"] / max(state["elapsed_s"], 1e-9),
-        "wall_seconds": state["elapsed_s"], "n_params": accelerator.unwrap_model(model).num_params(),
-        "corpus_hash": data.corpus_hash, "unigram_entropy": data.unigram_entropy,
-        "skipped_steps": state["skipped_steps"],
-    }
-    bpb = f" ({val_bpb:.4f} bits/byte)" if val_bpb is not None else ""
-    log(f"done: step {result['steps']}, val loss {val_loss:.4f} nats/token{bpb} "
-        f"(unigram entropy of the corpus: {data.unigram_entropy:.4f}), "
-        f"{result['tokens_per_s']:,.0f} tokens/s, {result['wall_seconds']:.0f}s of training -> {run_dir}")
-    return result
-
-
-def step_is_finite(step_loss, grad_norm, config, accelerator):
-    """Whether this optimizer step may be taken, as a tensor on the device, alike on every process.
-
-    Under fp16, overflowing gradients with a finite loss are normal: the grad scaler skips that step
-    and lowers its scale, so only a non-finite loss counts as bad there."""
-    finite = torch.isfinite(step_loss)
-    if isinstance(grad_norm, DTensor):  # under FSDP2 the norm of sharded gradients; its value, on the device
-        grad_norm = grad_norm.full_tensor()
-    if config.mixed_precision != "fp16":
-        finite = finite & torch.isfinite(grad_norm.to(finite.device))
-    if accelerator.num_processes > 1:  # 1.0 only if finite everywhere
-        finite = accelerator.reduce(finite.float(), reduction="mean") == 1.0
-    return finite
+    return model, optimizer, fused
 
 
 FUSED_ADAMW_DEVICES = ("cuda", "cpu", "xpu", "mps")  # where torch.optim.AdamW(fused=True) has a kernel
 
 
+def forward_backward(model, batches, config, accelerator):
+    """The forward and backward passes of one optimizer step over grad_accum micro-batches; returns
+    (mean loss, mean z-loss term) as tensors on the device: nothing here waits for the device."""
+    step_loss = torch.zeros((), device=accelerator.device)
+    step_z_loss = torch.zeros((), device=accelerator.device)  # the auxiliary term, logged apart from the CE
+    for _ in range(config.grad_accum):
+        x, y = batches.next(accelerator.device)
+        with accelerator.accumulate(model):  # all-reduces gradients on the last micro-step only
+            logits, loss = model(x, y)
+            batches.prefetch(accelerator.device)  # gathered and copied while the device computes
+            aux = config.z_loss * z_loss(logits) if config.z_loss else None
+            accelerator.backward(loss if aux is None else loss + aux)  # divides by grad_accum itself
+        step_loss += loss.detach().float() / config.grad_accum
+        if config.z_loss:
+            step_z_loss += aux.detach().float() / config.grad_accum
+    return step_loss, step_z_loss
+
+
+def step_is_finite(step_loss, grad_norm, config, accelerator):
+    """(finite, applied) for this optimizer step, as bool tensors on the device, alike on every
+    process: whether the step counts as good (NonFiniteSteps), and whether the optimizer applies it.
+
+    Both mean a finite loss and gradient norm, except under fp16: there overflowing gradients with a
+    finite loss are normal (the grad scaler skips that step and lowers its scale), so only a
+    non-finite loss counts as bad, while the step is applied only when its gradients are finite too."""
+    if isinstance(grad_norm, DTensor):  # under FSDP2 the norm of sharded gradients; its value, on the device
+        grad_norm = grad_norm.full_tensor()
+    finite = torch.isfinite(step_loss)
+    finite_grads = torch.isfinite(grad_norm.to(finite.device))  # alike on every process: synced gradients
+    if config.mixed_precision != "fp16":
+        finite = finite & finite_grads
+    if accelerator.num_processes > 1:  # 1.0 only if finite everywhere
+        finite = accelerator.reduce(finite.float(), reduction="mean") == 1.0
+    return finite, finite & finite_grads
+
+
 class NonFiniteSteps:
     """Skips optimizer steps whose loss or gradient is not finite, without a host sync per step.
 
-    The finite flag stays on the device: fused AdamW takes it as `found_inf` (the protocol torch's
-    grad scaler uses) and leaves weights, moments and step count untouched when it is set. The counts
-    stay on the device too; the host reads them at log steps, where it waits for the device anyway,
-    so a run that went max_bad_steps in a row is stopped at the next log step, before any checkpoint.
-    Without on-device skipping (no fused kernel here, or fp16) the host decides every step."""
+    The finite flag stays on the device: fused AdamW reads it as its `found_inf` attribute (torch's
+    protocol, the one its grad scaler uses, set for the one call) and leaves weights, moments and step
+    count untouched when it is set. The counts stay on the device too; the host reads them at log
+    steps, where it waits for the device anyway, so a run that went max_bad_steps in a row is stopped
+    at the next log step, before any checkpoint. Without on-device skipping (no fused kernel here, or
+    fp16) the host decides every step."""
 
     def __init__(self, device, in_row, max_in_row, on_device):
         self.on_device, self.max_in_row = on_device, max_in_row
@@ -317,6 +301,48 @@ class NonFiniteSteps:
         since_read, in_row, stopped_at = (int(v) for v in torch.stack([self.since_read, self.in_row, self.stopped_at]).tolist())
         self.since_read.zero_()
         return since_read, in_row, stopped_at
+
+
+class Recorder:
+    """`record(**entry)` at every log step: the entry goes to metrics.jsonl and the trackers; at evals
+    the diagnostics are measured too (on every process: under FSDP their forward is a collective) and
+    written beside it. Only the main process writes (runlog is None on the others)."""
+
+    def __init__(self, runlog, diagnostics, accelerator, trackers):
+        self.runlog, self.diagnostics, self.accelerator, self.trackers = runlog, diagnostics, accelerator, trackers
+
+    def __call__(self, **entry):
+        measured = None
+        if self.diagnostics is not None and entry["val_loss"] is not None:
+            measured = self.diagnostics.measure(entry["step"])
+        if self.runlog is not None:
+            self.runlog.metrics(entry)
+            if measured is not None:
+                self.runlog.diagnostics(measured)
+            if self.trackers:
+                self.accelerator.log(tracker_scalars(entry, measured), step=entry["step"])
+
+
+def start_trackers(accelerator, config, step):
+    """Trackers named as the config says; a resume drops what a tracker logged after its checkpoint."""
+    name = config.tracker_run_name or Path(config.out_dir).name
+    hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in config.to_dict().items()}
+    accelerator.init_trackers(config.tracker_project or Path(config.out_dir).name, config=hparams, init_kwargs={
+        "tensorboard": {"purge_step": step} if step else {}, "wandb": {"name": name}, "trackio": {"name": name},
+        "mlflow": {"run_name": name}})
+
+
+def tracker_scalars(entry, diagnostics=None):
+    """A metrics.jsonl line (and a diagnostics line) as flat tracker scalars, e.g. val/loss."""
+    names = {"train_loss": "train/loss", "val_loss": "val/loss", "lr": "train/lr", "tokens_per_s": "train/tokens_per_s",
+             "skipped_steps": "train/skipped_steps", "tokens_seen": "train/tokens_seen", "train_z_loss": "train/z_loss",
+             "val_bpb": "val/bpb"}
+    scalars = {names[k]: v for k, v in entry.items() if k in names and v is not None}
+    for key, values in (diagnostics or {}).items():
+        if isinstance(values, list) and key != "sites":
+            labels = diagnostics["sites"] if len(values) == len(diagnostics["sites"]) else [f"block{i}" for i in range(len(values))]
+            scalars.update({f"diagnostics/{key}/{label}": v for label, v in zip(labels, values) if v is not None})
+    return scalars
 
 
 def main():

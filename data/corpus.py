@@ -61,9 +61,9 @@ def _expand_files(pattern):
 
 
 def iter_file_documents(paths):
-    """Local UTF-8 text files, one document per file. Read in text mode, as datasets' "text"
-    builder with sample_by="document" did before (universal newlines become "\\n"), so the tokens
-    are the same as those of earlier versions."""
+    """Local UTF-8 text files, one document per file. Read in text mode (universal newlines become
+    "\\n"), as datasets' "text" builder with sample_by="document" reads them: the tokens are those of
+    a corpus loaded through datasets (tests/test_prepare.py)."""
     for p in paths:
         try:
             with open(p, encoding="utf-8") as f:

@@ -27,7 +27,7 @@ def train_tokenizer(documents, vocab_size):
 def training_sample(train_documents, max_bytes):
     """The first documents of the training split up to max_bytes of UTF-8 (at least one): a bounded,
     deterministic sample, so BPE training costs the same on 1 GB as on 100 GB. A corpus smaller than
-    max_bytes is used whole, as before this bound existed."""
+    max_bytes is used whole."""
     total = 0
     for doc in train_documents:
         yield doc

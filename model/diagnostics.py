@@ -150,26 +150,24 @@ def collect(model, x):
 
 
 class Diagnostics:
-    """Hooked into train(): `Diagnostics(model, optimizer, x)` once, with `model` the unwrapped GPT and
-    x the token batch every measurement uses, then `measure(step)` at every eval -> one log entry.
+    """Hooked into train(): `Diagnostics(model, x)` once, with `model` the unwrapped GPT and x the token
+    batch every measurement uses; `read_gradients(applied)` at every optimizer step, before the
+    gradients are zeroed; `measure(step)` at every eval -> one log entry.
     Under FSDP (parameters are DTensors) every process must call measure: the forward gathers the
     sharded weights and the gradient norms are summed over the processes' shards."""
 
-    def __init__(self, model, optimizer, x):
+    def __init__(self, model, x):
         self.model = getattr(model, "_orig_mod", model)  # hooks on the plain module, not a torch.compile wrapper
         self.x, self.grad_squares = x, None
         self.sharded = any(isinstance(p, DTensor) for p in self.model.parameters())
-        # gradients are gone after optimizer.zero_grad(), so read them just before each real step
-        # (accelerate's wrapper only calls the inner optimizer's step when gradients are synced)
-        getattr(optimizer, "optimizer", optimizer).register_step_pre_hook(self._read_grads)
 
-    def _read_grads(self, optimizer, args, kwargs):
+    def read_gradients(self, applied):
+        """Each block's gradient norm at this step, kept on the device. `applied` (a bool tensor on the
+        device) says whether the optimizer takes the step; a step it skips keeps the norms of the last
+        step taken (before any, the first step's), decided on the device too."""
         squares = [grad_square_sum(block.parameters()) for block in self.model.transformer.h]
-        # a step that fused AdamW skips on the device (found_inf set, the grad scaler's protocol; train.py
-        # sets it for a non-finite step) keeps the norms of the last step taken, decided on the device too
-        skipped = getattr(optimizer, "found_inf", None)
-        if skipped is not None and self.grad_squares is not None:
-            squares = [new if old is None or new is None else torch.where(skipped > 0, old, new)
+        if self.grad_squares is not None:
+            squares = [new if old is None or new is None else torch.where(applied, new, old)
                        for old, new in zip(self.grad_squares, squares)]
         self.grad_squares = squares
 

@@ -57,7 +57,7 @@ def average_diagnostics(runs):
     mean = []
     for step in steps:
         entry = {"step": step, "sites": by_step[0][step]["sites"]}
-        for key, _, _ in HEATMAPS:  # rows written before a diagnostic existed lack its key
+        for key, _, _ in HEATMAPS:  # a line logged by older code may lack a key
             values = [b[step].get(key) for b in by_step if b[step].get(key) is not None]
             entry[key] = np.mean(values, axis=0).tolist() if values else None
         mean.append(entry)

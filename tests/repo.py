@@ -1,11 +1,68 @@
-"""The repository root, defined once for the tests, and how they run its command-line entry points."""
+"""What the tests share, defined once: the repository root and how they run its command lines, the
+small configs they train or prepare data with, comparison files, and comparing two runs' logs.
+(The norm tests' fp64 references and tolerances are in norm_checks.py.)"""
+import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
+TIME_FIELDS = ("elapsed_s", "tokens_per_s")  # wall-clock: the only metrics allowed to differ between runs
 
 
 def run_cli(*args, timeout=300):
     """`python *args` in the repository root, output captured as text."""
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def tiny_run_config(out_dir, cache_dir, **overrides):
+    """configs/tiny.toml with its run folder and data cache where the test says; overrides on top."""
+    from config import load_config
+    return load_config(ROOT / "configs" / "tiny.toml", {"out_dir": str(out_dir), "cache_dir": str(cache_dir), **overrides})
+
+
+def config_for(tmp_path, data, **extra):
+    """A one-layer config for preparing `data` into a cache under tmp_path."""
+    from config import load_config
+    return load_config(None, {"data": data, "cache_dir": str(tmp_path / "cache"), "vocab_size": 300,
+                              "block_size": 16, "n_layer": 1, "n_head": 1, "n_embd": 8, **extra})
+
+
+def write_comparison(folder, cache, variants, seeds=(1, 2), extra_base=""):
+    """A comparison TOML based on configs/tiny.toml, with its outputs and data cache in tmp folders."""
+    text = [f'base_config = "{ROOT / "configs" / "tiny.toml"}"', f'out_dir = "{folder / "out"}"',
+            f"seeds = {list(seeds)}", 'baseline = "layernorm"', "target_val_loss = 5.6", "",
+            "[base]", f'cache_dir = "{cache}"', "diagnostics = true", extra_base]
+    for name, overrides in variants.items():
+        text += [f"[variants.{name}]"] + [f"{k} = {json.dumps(v)}" for k, v in overrides.items()]
+    path = folder / "comparison.toml"
+    path.write_text("\n".join(text) + "\n")
+    return path
+
+
+def assert_same_metrics(a, b, tol=1e-6):
+    """Two metrics.jsonl logs hold the same steps and values (to tol; time fields aside)."""
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b):
+        for key in ra:
+            if key in TIME_FIELDS:
+                continue
+            if isinstance(ra[key], float):
+                assert rb[key] == pytest.approx(ra[key], rel=tol, abs=tol), (ra["step"], key)
+            else:
+                assert rb[key] == ra[key], (ra["step"], key)
+
+
+def wait_for(condition, proc, timeout=120):
+    """Poll condition() while the process runs; fail the test if it ends first or time runs out."""
+    deadline = time.time() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended before it could be killed: {proc.stderr.read()[-2000:]}")
+        if time.time() > deadline:
+            proc.kill()
+            pytest.fail("timed out waiting to kill the run")
+        time.sleep(0.05)

@@ -9,8 +9,7 @@ import pytest
 import sample
 import train
 from config import run_main
-from repo import ROOT
-
+from repo import run_cli, tiny_run_config
 
 
 def run_entry_point(module, argv, capsys, monkeypatch):
@@ -79,9 +78,7 @@ def test_a_config_path_that_is_a_folder_is_one_line(capsys, monkeypatch):
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, shared_cache):
-    from config import load_config
-    config = load_config(ROOT / "configs" / "tiny.toml", {"out_dir": str(tmp_path_factory.mktemp("run") / "r"),
-                                                          "cache_dir": shared_cache, "max_steps": 10})
+    config = tiny_run_config(tmp_path_factory.mktemp("run") / "r", shared_cache, max_steps=10)
     train.train(config, log=lambda *_: None)
     return Path(config.out_dir)
 
@@ -153,10 +150,10 @@ def test_sample_on_cuda_without_a_gpu_is_one_line(finished_run, capsys, monkeypa
     assert code == 2 and err == "error: --device 'cuda': no CUDA GPU is available on this machine; use --device cpu\n"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", [["compare.py"], ["sample.py"], ["-m", "data.prepare"],
                                     ["benchmarks/bench_trainer.py"], ["benchmarks/bench_train_step.py"]])
 def test_help_prints_usage(script):
-    """--help runs each option's help text through %-formatting: a bare % in one broke compare.py's."""
-    from repo import run_cli
+    """--help runs each option's help text through %-formatting: a bare % in one would break it."""
     done = run_cli(*script, "--help", timeout=120)
     assert done.returncode == 0 and done.stdout.startswith("usage:"), done.stderr[-2000:]

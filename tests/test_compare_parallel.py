@@ -13,9 +13,8 @@ import torch
 
 import compare
 from config import UserError, run_main
-from repo import ROOT
+from repo import ROOT, write_comparison
 from training.runlog import read_diagnostics, read_metrics
-from test_compare import write_comparison
 
 VARIANTS = {"layernorm": {"norm": "layernorm"}, "rmsnorm": {"norm": "rmsnorm"}}
 TIMING = {"tokens_per_s", "time_to_target_s"}  # the only summary fields allowed to differ
@@ -50,6 +49,7 @@ def one_thread():
         torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
 def test_two_shards_then_report_equal_the_sequential_summary(sequential, tmp_path, shared_cache):
     path = write_comparison(tmp_path, shared_cache, VARIANTS)
     out = tmp_path / "out"
@@ -81,6 +81,7 @@ def hold_run_folder(run_dir):
     return holder
 
 
+@pytest.mark.slow
 def test_a_run_held_by_another_process_is_skipped_then_trained_later(tmp_path, shared_cache):
     path = write_comparison(tmp_path, shared_cache, VARIANTS, seeds=(1,))
     held = tmp_path / "out" / "runs" / "rmsnorm" / "seed1"
@@ -98,6 +99,7 @@ def test_a_run_held_by_another_process_is_skipped_then_trained_later(tmp_path, s
     assert [r["status"] for r in rows] == ["ok", "ok"]
 
 
+@pytest.mark.slow
 def test_report_lists_missing_runs(tmp_path, shared_cache):
     path = write_comparison(tmp_path, shared_cache, VARIANTS, seeds=(1,))
     compare.compare(path, shard=(0, 2), log=lambda *a: None)  # trains layernorm only
@@ -175,6 +177,7 @@ def read_tensorboard(folder):
     return {tag: {e.step: e.value for e in events.Scalars(tag)} for tag in events.Tags()["scalars"]}
 
 
+@pytest.mark.slow
 def test_tensorboard_holds_the_logged_scalars(tiny_config):
     config = tiny_config(trackers=["tensorboard"], diagnostics=True, tracker_run_name="x")
     from train import train

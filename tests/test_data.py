@@ -5,11 +5,11 @@ import json
 import numpy as np
 import pytest
 
-from config import UserError, load_config
+from config import UserError
 from data.batches import IGNORE, TrainBatches, validation_batches
 from data.corpus import split_documents, stdlib_documents, stdlib_files
 from data.prepare import END_OF_DOCUMENT, check_data_size, prepare_data
-from repo import ROOT
+from repo import ROOT, config_for
 
 CODE = "def f(x):\n    return x + 1\n\n\nclass A:\n    pass\n"
 
@@ -19,11 +19,6 @@ def write_docs(folder, n=30):
     for i in range(n):
         (folder / f"doc{i:02d}.txt").write_text(f"# file {i}\n" + CODE * (1 + i % 3))
     return folder
-
-
-def config_for(tmp_path, data, **extra):
-    return load_config(None, {"data": data, "cache_dir": str(tmp_path / "cache"), "vocab_size": 300,
-                              "block_size": 16, "n_layer": 1, "n_head": 1, "n_embd": 8, **extra})
 
 
 def test_local_text_files_keep_newlines_and_round_trip(tmp_path):

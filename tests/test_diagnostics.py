@@ -51,6 +51,7 @@ def test_collect_sees_every_norm_site(small_model_config):
     assert model.training and not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
 
 
+@pytest.mark.slow
 def test_diagnostics_are_recorded_at_evals_and_do_not_change_training(tiny_config):
     plain = tiny_config(out_dir=str(Path(tiny_config().out_dir).parent / "plain"), max_steps=10, eval_interval=5)
     with_diag = tiny_config(max_steps=10, eval_interval=5, diagnostics=True)

@@ -10,7 +10,7 @@ from training.checkpoint import check_resumable
 from config import UserError, save_config
 from model import GPT, check_model_config
 from model.gpt import z_loss
-from model.norms import DyT, make_norm
+from model.norms import NORMS, DyT
 
 
 def rms(x, eps=1e-5):
@@ -119,6 +119,7 @@ def test_z_loss_is_the_mean_squared_log_normaliser():
     torch.testing.assert_close(z_loss(logits), expected)
 
 
+@pytest.mark.slow
 def test_z_loss_is_logged_apart_and_val_loss_stays_cross_entropy(tiny_config):
     from training.runlog import read_metrics
     from train import train
@@ -167,11 +168,18 @@ def test_resume_that_changes_a_new_site_is_refused(change, small_model_config, t
         check_resumable(tmp_path, small_model_config(**change), "h", 1)
 
 
-def test_every_registry_norm_works_as_qk_and_output_norm(small_model_config):
-    from model.norms import NORMS
+@pytest.mark.parametrize("name", list(NORMS))
+def test_every_registry_norm_works_as_qk_and_output_norm(name, small_model_config):
+    """Each registry norm sits at the q, k and output sites and the loss's gradient reaches every
+    parameter, those norms' own gains included."""
+    torch.manual_seed(0)
+    model = GPT(small_model_config(qk_norm=name, norm_position="peri", output_norm=name))
+    for block in model.transformer.h:
+        assert all(type(norm) is NORMS[name] for norm in (block.attn.q_norm, block.attn.k_norm, block.ln_1_out, block.ln_2_out))
     idx = torch.randint(0, 300, (2, 6))
-    for name in NORMS:
-        model = GPT(small_model_config(qk_norm=name, norm_position="peri", output_norm=name))
-        logits, loss = model(idx, idx)
-        loss.backward()
-        assert torch.isfinite(logits).all() and make_norm(name, 4, model.config) is not None
+    logits, loss = model(idx, idx)
+    loss.backward()
+    assert torch.isfinite(logits).all()
+    for param_name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), param_name
+        assert p.grad.abs().sum() > 0, f"{param_name}: the loss does not depend on it"

@@ -11,6 +11,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import train as train_module
 
+pytestmark = pytest.mark.slow  # every test here trains
+
 HOST_SYNC_OPS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default,
                  torch.ops.aten.equal.default}
 

@@ -8,7 +8,6 @@ import warnings
 import pytest
 import torch
 
-from config import Config, apply_overrides
 from kernels.rmsnorm import rms_norm
 from model.gpt import GPT
 from norm_checks import EPS, assert_close, dx_scale, rms_norm_fp64
@@ -19,7 +18,6 @@ from kernels import rmsnorm_triton as K  # noqa: E402
 DEVICE = "cpu" if K.INTERPRETED or not torch.cuda.is_available() else "cuda"
 pytestmark = pytest.mark.skipif(not K.triton_runs_on(torch.empty(0, device=DEVICE)),
                                 reason="Triton cannot run here (no GPU and TRITON_INTERPRET is not 1)")
-
 
 
 @pytest.fixture(autouse=True)
@@ -140,16 +138,12 @@ def test_offsets_past_2_pow_31():
     torch.testing.assert_close(x.grad[-2:], xr.grad)
 
 
-def tiny_gpt_config(**overrides):
-    values = dict(vocab_size=300, block_size=16, n_layer=2, n_head=2, n_embd=48, **overrides)
-    return apply_overrides(Config(), values).validate()
-
-
 @pytest.mark.parametrize("fused", [False, True])
-def test_gpt_with_triton_rmsnorm_matches_rmsnorm(fused):
+def test_gpt_with_triton_rmsnorm_matches_rmsnorm(fused, small_model_config):
     idx = torch.randint(0, 300, (2, 16), device=DEVICE)
     results = []
-    for config in (tiny_gpt_config(norm="rmsnorm"), tiny_gpt_config(norm="triton_rmsnorm", fused_add_norm=fused)):
+    for config in (small_model_config(n_embd=48, norm="rmsnorm"),
+                   small_model_config(n_embd=48, norm="triton_rmsnorm", fused_add_norm=fused)):
         torch.manual_seed(0)
         model = GPT(config).to(DEVICE)
         with torch.no_grad():  # non-trivial gains, so a gain the kernel ignores would show
@@ -209,8 +203,8 @@ def test_falls_back_with_one_warning(monkeypatch):
     torch.testing.assert_close(y2, rms_norm_fp64(2 * x, w).float())
 
 
-def test_gpt_with_fused_add_norm_compiles_as_one_graph():
-    config = tiny_gpt_config(norm="triton_rmsnorm", fused_add_norm=True)
+def test_gpt_with_fused_add_norm_compiles_as_one_graph(small_model_config):
+    config = small_model_config(n_embd=48, norm="triton_rmsnorm", fused_add_norm=True)
     torch.manual_seed(0)
     model = GPT(config).to(DEVICE)
     idx = torch.randint(0, 300, (2, 16), device=DEVICE)
@@ -222,9 +216,9 @@ def test_gpt_with_fused_add_norm_compiles_as_one_graph():
 
 @pytest.mark.parametrize("op", ["triton_rms_norm", "triton_add_rms_norm"])
 @pytest.mark.parametrize("make, message", [
-    (lambda: (torch.randn(2, 16), torch.ones(8)), r"weight shape \(8,\) must be \(16,\)"),  # was read past its end
-    (lambda: (torch.randn(2, 16), torch.ones(32)), r"weight shape \(32,\) must be \(16,\)"),  # was silently cut
-    (lambda: (torch.ones(2, 16, dtype=torch.int32), None), "x must be a floating-point tensor"),  # gave integers
+    (lambda: (torch.randn(2, 16), torch.ones(8)), r"weight shape \(8,\) must be \(16,\)"),  # a kernel would read past its end
+    (lambda: (torch.randn(2, 16), torch.ones(32)), r"weight shape \(32,\) must be \(16,\)"),  # would be cut silently
+    (lambda: (torch.ones(2, 16, dtype=torch.int32), None), "x must be a floating-point tensor"),  # would give integers
     (lambda: (torch.randn(2, 16), torch.ones(16, device="meta")), "weight is on meta but x is on"),
 ])
 def test_bad_inputs_are_refused_in_one_line(op, make, message):

@@ -8,6 +8,9 @@ inside functions too). Bottom to top:
     training/  the trainer's machinery: model, data, kernels, config
     study/     the comparison's and probe's library: everything above, no script
     scripts    train, sample, compare, analyze (and the benchmarks) on top
+
+and the repository root shows them: the scripts, config.py and folders, each package saying in its
+docstring's first line what it holds.
 """
 import ast
 
@@ -90,3 +93,18 @@ def test_only_checkpoint_py_spells_checkpoint_file_names():
                    if isinstance(node, ast.Constant) and isinstance(node.value, str)}
         assert not strings & names, f"{script} spells {strings & names}: ask checkpoint.py instead"
         assert not any("random_states" in s for s in strings), script
+
+
+def test_the_root_holds_only_the_scripts_config_and_folders():
+    modules = sorted(p.name for p in ROOT.glob("*.py"))
+    assert set(modules) <= {f"{name}.py" for name in SCRIPTS} | {"config.py"}, modules
+
+
+def test_each_package_is_a_layer_and_says_in_one_line_what_it_holds():
+    packages = sorted(p.parent.name for p in ROOT.glob("*/__init__.py"))
+    assert packages == sorted(set(LAYERS) - {"config"}), packages  # a new package needs its layer rule above
+    for package in packages:
+        doc = ast.get_docstring(ast.parse((ROOT / package / "__init__.py").read_text())) or ""
+        summary, _, rest = doc.partition("\n")
+        assert summary.endswith(".") and len(summary) <= 110, f"{package}/__init__.py: {summary!r}"
+        assert not rest or rest.startswith("\n"), f"{package}/__init__.py: the summary is one line, then a blank line"

@@ -8,9 +8,8 @@ import sys
 import pytest
 
 from training.checkpoint import list_checkpoints
-from repo import ROOT
+from repo import ROOT, assert_same_metrics, wait_for
 from training.runlog import read_diagnostics, read_metrics as metrics
-from test_reliability import assert_same_metrics, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -22,8 +21,8 @@ MODES = {"ddp": ["--multi_gpu"],
 
 
 def run_args(out_dir, cache):
-    # 20 validation windows in batches of 4 are 5 batches: 3 and 2 per process under the old split,
-    # whose FSDP evaluation hung; with diagnostics, whose rank-0-only forward hung as well
+    # 20 validation windows in batches of 4 are 5 batches: a split into 3 and 2 per process would hang
+    # FSDP's evaluation (each forward is a collective), as would a diagnostics forward on rank 0 only
     return [str(ROOT / "configs" / "tiny.toml"), f"--out_dir={out_dir}", f"--cache_dir={cache}", "--batch_size=4",
             "--eval_windows=20", "--dropout=0.1", "--max_steps=30", "--eval_interval=10", "--diagnostics=true"]
 

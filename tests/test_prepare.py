@@ -1,9 +1,10 @@
-"""The prepare step at scale: the same tokens as the pipeline before streaming, whatever the number
+"""The prepare step at scale: the same tokens as the whole-corpus reference pipeline, whatever the number
 of workers; a cache key that does not read the corpus but notices a changed file; existing tokenizer
 files; streaming that stops at hf_max_documents."""
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,11 +14,11 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
 import data.prepare
-from config import UserError, load_config
+from config import UserError
 from data.prepare import prepare_data
 from data.tokenizer import train_tokenizer
+from repo import ROOT, config_for
 
-ROOT = Path(__file__).resolve().parent.parent
 QUIET = dict(log=lambda *_: None)
 
 
@@ -33,15 +34,10 @@ def write_corpus(folder, n=40):
     return folder
 
 
-def config_for(tmp_path, data, **extra):
-    return load_config(None, {"data": data, "cache_dir": str(tmp_path / "cache"), "vocab_size": 300,
-                              "block_size": 16, "n_layer": 1, "n_head": 1, "n_embd": 8, **extra})
-
-
-def previous_pipeline(paths, vocab_size, val_fraction):
-    """The data pipeline as it was before streaming, in a few lines: every document in a list
-    (loaded through datasets' text builder), split by the hash of each whole document, BPE trained
-    on the whole training split, encode_batch, one concatenation."""
+def reference_pipeline(paths, vocab_size, val_fraction):
+    """The data pipeline without streaming, in a few lines: every document in a list (loaded through
+    datasets' text builder), split by the hash of each whole document, BPE trained on the whole
+    training split, encode_batch, one concatenation."""
     import datasets
     docs = [d for d in datasets.load_dataset("text", data_files=paths, sample_by="document",
                                              split="train")["text"] if d.strip()]
@@ -61,12 +57,12 @@ def files_of(prepared):
     return [(folder / name).read_bytes() for name in ("tokenizer.json", "train.bin", "val.bin")]
 
 
-def test_same_tokens_as_the_previous_pipeline(tmp_path, monkeypatch):
+def test_same_tokens_as_the_reference_pipeline(tmp_path, monkeypatch):
     folder = write_corpus(tmp_path / "docs")
     monkeypatch.setattr(data.prepare, "CHUNK_BYTES", 300)  # many chunks, several in flight at once
     prepared = prepare_data(config_for(tmp_path, str(folder / "*.txt"), prepare_workers=2, val_fraction=0.2), **QUIET)
     tokenizer_json, train, val = files_of(prepared)
-    expected = previous_pipeline(sorted(str(p) for p in folder.glob("*.txt")), 300, 0.2)
+    expected = reference_pipeline(sorted(str(p) for p in folder.glob("*.txt")), 300, 0.2)
     assert Tokenizer.from_str(tokenizer_json.decode()).to_str() == expected[0]
     assert train == expected[1] and val == expected[2] and len(val) > 0
 
@@ -168,7 +164,7 @@ def test_bad_tokenizer_files_are_one_line(tmp_path, specials, extra, message):
     assert "\n" not in str(error.value)
 
 
-def test_streaming_stops_at_hf_max_documents(tmp_path):
+def test_streaming_stops_at_hf_max_documents(tmp_path, caplog):
     """A local dataset folder whose later files are not JSON: streaming that reads past the first
     hf_max_documents rows would fail on them, and a non-streaming load does."""
     folder = tmp_path / "dataset"
@@ -180,8 +176,12 @@ def test_streaming_stops_at_hf_max_documents(tmp_path):
     config = config_for(tmp_path, f"hf:{folder}", hf_streaming=True, hf_max_documents=30)
     prepared = prepare_data(config, **QUIET)
     assert prepared.n_train_documents + prepared.n_val_documents == 30
-    with pytest.raises(UserError, match="could not load dataset|not JSON|JSON"):
+    # without streaming, datasets builds its cache of every file first and fails on the first that is
+    # not JSON (its log names the file)
+    failed = rf"could not load dataset {re.escape(repr(str(folder)))} \(split 'train'\): An error occurred while generating the dataset$"
+    with pytest.raises(UserError, match=failed):
         prepare_data(config_for(tmp_path / "not_streamed", f"hf:{folder}", hf_max_documents=30), **QUIET)
+    assert any("Failed to load JSON" in r.getMessage() and "train-00001.jsonl" in r.getMessage() for r in caplog.records)
 
 
 @pytest.mark.slow

@@ -8,7 +8,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -20,25 +19,9 @@ from training.checkpoint import list_checkpoints, load_model
 from training.runlog import read_diagnostics, read_metrics as metrics
 from config import UserError
 from train import TrainingDiverged, train
-from repo import ROOT
+from repo import ROOT, assert_same_metrics, tiny_run_config, wait_for
 
 pytestmark = pytest.mark.slow  # every test here trains or starts subprocesses
-
-TIME_FIELDS = ("elapsed_s", "tokens_per_s")  # wall-clock: the only fields allowed to differ
-
-
-
-def assert_same_metrics(a, b, tol=1e-6):
-    assert [r["step"] for r in a] == [r["step"] for r in b]
-    for ra, rb in zip(a, b):
-        for key in ra:
-            if key in TIME_FIELDS:
-                continue
-            if isinstance(ra[key], float):
-                assert rb[key] == pytest.approx(ra[key], rel=tol, abs=tol), (ra["step"], key)
-            else:
-                assert rb[key] == ra[key], (ra["step"], key)
-
 
 def run_args(config):
     return ["configs/tiny.toml", f"--out_dir={config.out_dir}", f"--cache_dir={config.cache_dir}",
@@ -51,24 +34,11 @@ def start_slow_run(config, *extra_args, **env):
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
-def wait_for(condition, proc, timeout=120):
-    deadline = time.time() + timeout
-    while not condition():
-        if proc.poll() is not None:
-            pytest.fail(f"the run ended before it could be killed: {proc.stderr.read()[-2000:]}")
-        if time.time() > deadline:
-            proc.kill()
-            pytest.fail("timed out waiting to kill the run")
-        time.sleep(0.05)
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, shared_cache):
     """An uninterrupted fp32 run with dropout: what every interrupted run must reproduce."""
-    from config import load_config
-    config = load_config(ROOT / "configs" / "tiny.toml", {
-        "out_dir": str(tmp_path_factory.mktemp("reference") / "run"), "cache_dir": shared_cache,
-        "dropout": 0.1, "max_steps": 30, "eval_interval": 10})
+    config = tiny_run_config(tmp_path_factory.mktemp("reference") / "run", shared_cache, dropout=0.1,
+                             max_steps=30, eval_interval=10)
     train(config, log=lambda *_: None)
     return config, metrics(config.out_dir)
 
@@ -179,8 +149,8 @@ def test_a_damaged_latest_checkpoint_is_skipped_and_kept(reference, tmp_path, da
 
 
 def as_old_format(folder):
-    """Turn a checkpoint into the layout saved before state/ existed (train_state.pt and rng_rank0.pt
-    beside the weights, no manifest): the files that format check and sampling look at."""
+    """Turn a checkpoint into the older layout (train_state.pt and rng_rank0.pt beside the weights
+    instead of state/, no manifest): the files that format check and sampling look at."""
     shutil.rmtree(folder / "state")
     (folder / "manifest.json").unlink()
     torch.save({"optimizer": {}, "batches": {}, "counters": {}, "scaler": None}, folder / "train_state.pt")
@@ -199,7 +169,7 @@ def test_checkpoints_of_the_old_format_sample_and_refuse_to_resume_in_one_line(r
         train(config, resume=True, log=lambda *_: None)
     message = str(refused.value)
     assert "\n" not in message and message.startswith(f"no intact checkpoint in {str(config.out_dir)!r}")
-    assert "step_0000030: it was saved before checkpoints kept accelerate's state/ (train_state.pt); " \
+    assert "step_0000030: it is in the older format (train_state.pt instead of state/); " \
            "it can be sampled but not resumed here" in message
     assert {p: p.read_bytes() for p in Path(config.out_dir).rglob("*") if p.is_file() and p.name != "run.lock"} == before
 

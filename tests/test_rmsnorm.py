@@ -18,7 +18,6 @@ from norm_checks import EPS, TOL, assert_close, dx_scale, rms_norm_fp64
 from repo import ROOT
 
 
-
 @pytest.fixture(scope="module")
 def ops():
     ops = cpu_kernel.cpu_ops()
@@ -89,8 +88,8 @@ def test_gradcheck_fp64(ops):
 
 
 def test_gain_gradient_over_many_rows_is_summed_in_fp32(ops):
-    """8192 bf16 rows: summed in bf16, dg was off by ~18 (on values up to ~130) in a trial, in fp32
-    by ~3e-4; 2e-3 separates the two."""
+    """8192 bf16 rows: summed in bf16, dg is off by ~18 (on values up to ~130), in fp32 by ~3e-4;
+    2e-3 separates the two."""
     torch.manual_seed(0)
     x = torch.randn(8192, 16).bfloat16().requires_grad_()
     w = torch.ones(16, requires_grad=True)

@@ -10,17 +10,12 @@ from training.runlog import read_metrics as metrics
 from config import UserError
 from sample import generate_samples, parse_args
 from train import learning_rate, train
-from repo import ROOT, run_cli
-
-
+from repo import ROOT, run_cli, tiny_run_config
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, shared_cache):
-    from config import load_config
-    run_dir = tmp_path_factory.mktemp("tiny") / "run"
-    config = load_config(ROOT / "configs" / "tiny.toml", {"out_dir": str(run_dir), "cache_dir": shared_cache,
-                                                          "max_steps": 40, "eval_interval": 20})
+    config = tiny_run_config(tmp_path_factory.mktemp("tiny") / "run", shared_cache, max_steps=40, eval_interval=20)
     return config, train(config, log=lambda *_: None)
 
 
@@ -38,6 +33,7 @@ def test_tiny_run_learns_and_records_metrics(tiny_run):
     assert len(result["corpus_hash"]) == 64 and result["n_params"] > 0
 
 
+@pytest.mark.slow
 def test_checkpoint_is_clean_and_loads_into_a_plain_model(tiny_run):
     config, _ = tiny_run
     folder = list_checkpoints(config.out_dir)[-1]
@@ -61,6 +57,7 @@ def test_sampling_from_the_run_is_seeded(tiny_run, capsys):
     assert generate_samples(parse_args([config.out_dir, "--seed", "7", "--prompt", "def"])) != first
 
 
+@pytest.mark.slow
 def test_existing_run_is_never_overwritten(tiny_run):
     config, _ = tiny_run
     with pytest.raises(UserError, match="already holds a run; pass --resume"):
@@ -87,6 +84,7 @@ def test_resume_without_checkpoint_is_an_error(tiny_config):
         train(config, resume=True, log=lambda *_: None)
 
 
+@pytest.mark.slow
 def test_mixed_stack_trains_and_logs_its_stack(tiny_config):
     lines = []
     config = tiny_config(norm="rmsnorm", block_norms="layernorm,rmsnorm", max_steps=4, eval_interval=4)

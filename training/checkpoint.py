@@ -18,8 +18,8 @@ It is built in a temporary folder and renamed into place only when complete, so 
 save leaves the previous checkpoint intact and never a half-written one under a real name. Every
 process writes into it, so with several nodes the run folder must be on a filesystem they share.
 
-Checkpoints saved before state/ existed (train_state.pt and rng_rank<R>.pt instead) still sample and
-analyze; a resume from one is refused in one line.
+Checkpoints of the older format (train_state.pt and rng_rank<R>.pt instead of state/, no manifest)
+sample and analyze; a resume from one is refused in one line.
 
 A checkpoint is checked against its manifest before use (a disk that filled up, a copy that was cut
 short, a file deleted by hand): --resume and sample.py take the newest intact one and say in one line
@@ -27,9 +27,11 @@ which newer ones they skipped and why. Nothing is deleted for it; a resumed run 
 of a skipped checkpoint moves that folder aside to corrupt_step_XXXXXXX.N before saving its own.
 """
 import json
+import math
 import os
 import shutil
 import sys
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
@@ -39,7 +41,7 @@ from data.prepare import file_sha256
 
 WEIGHTS, STATE, CONFIG, TOKENIZER, META = "model.safetensors", "state", "config.json", "tokenizer.json", "meta.json"
 MANIFEST = "manifest.json"
-OLD_TRAIN_STATE = "train_state.pt"  # the format before state/: sampled, never resumed
+OLD_TRAIN_STATE = "train_state.pt"  # the older format's training state: such checkpoints sample, never resume
 SAMPLE_FILES = (WEIGHTS, CONFIG, TOKENIZER, META)  # what sampling needs; a resume needs every file
 WRAPPER_PREFIXES = ("_orig_mod.", "module.")  # added by torch.compile and DDP
 # Keys that change the model's parameters or wiring: a resume may not change them.
@@ -69,14 +71,24 @@ def list_checkpoints(run_dir):
     return sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith("step_"))
 
 
-class Counters(dict):
-    """The run's step, tokens seen, best loss...: a dict that accelerate's save_state keeps."""
+@dataclass
+class Counters:
+    """What the training loop counts, saved in every checkpoint (state/custom_checkpoint_1.pkl, as a
+    dict of these names: accelerate's save_state calls state_dict, load_state calls load_state_dict)."""
+    step: int = 0
+    tokens_seen: int = 0
+    elapsed_s: float = 0.0  # training seconds, evaluation and saving left out
+    best_val_loss: float = math.inf
+    skipped_steps: int = 0
+    bad_steps_in_row: int = 0  # non-finite steps in a row up to the last log step
 
     def state_dict(self):
-        return dict(self)
+        return asdict(self)
 
     def load_state_dict(self, saved):
-        self.update(saved)
+        for f in fields(self):
+            if f.name in saved:
+                setattr(self, f.name, saved[f.name])
 
 
 def track_training_state(accelerator, batches, counters):
@@ -137,14 +149,14 @@ def unused_name(path):
 
 def checkpoint_problem(folder, for_resume):
     """Why a checkpoint folder cannot be used (for a resume, or only for sampling), or None if it can.
-    Files are checked against the sizes and hashes in its manifest; a checkpoint saved before
-    manifests existed gets a lighter check (every file present and non-empty, its JSON readable)."""
+    Files are checked against the sizes and hashes in its manifest; a checkpoint without one (the
+    older format) gets a lighter check (every file present and non-empty, its JSON readable)."""
     folder = Path(folder)
     documents = {}
     for name in (MANIFEST, META, CONFIG):
         path = folder / name
         if name == MANIFEST and not path.exists():
-            continue  # saved before manifests existed
+            continue  # the older format has none
         try:
             documents[name] = json.loads(path.read_text())
         except FileNotFoundError:
@@ -159,8 +171,8 @@ def checkpoint_problem(folder, for_resume):
             isinstance(v, dict) and {"size", "sha256"} <= set(v) for v in manifest.values())):
         return f"{MANIFEST} is malformed"
     if for_resume and ((folder / OLD_TRAIN_STATE).exists() or manifest is None):
-        return (f"it was saved before checkpoints kept accelerate's state/ ({OLD_TRAIN_STATE}); it can be "
-                f"sampled but not resumed here (resume it with normgpt commit fa96f3f or earlier)")
+        return (f"it is in the older format ({OLD_TRAIN_STATE} instead of {STATE}/); it can be sampled but not "
+                f"resumed here (the normgpt version that wrote it resumes it)")
     needed = list(SAMPLE_FILES)
     if for_resume:  # every file the manifest lists, and each process's RNG states even if it does not
         from accelerate.utils import RNG_STATE_NAME  # here: sampling need not import accelerate

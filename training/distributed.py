@@ -4,6 +4,7 @@ One process, DDP over several (`accelerate launch --multi_gpu`, GPUs or CPU with
 (`--use_fsdp`, configs/accelerate/fsdp.yaml) through accelerate's own FSDP plugin, on CPU too.
 """
 import os
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import torch
@@ -44,7 +45,7 @@ def make_accelerator(config):
 
 
 def release_accelerator(accelerator):
-    accelerator.end_training()  # without it, torchrun aborted some multi-process runs at exit
+    accelerator.end_training()  # finishes the trackers and the process group: every process exits cleanly
     # accelerate's settings are process-wide singletons: clear them so that the next train() in
     # this process (compare.py's next variant) may use another mixed_precision or device
     AcceleratorState._reset_state(reset_partial_state=True)
@@ -65,6 +66,24 @@ def decided_on_main(accelerator, decide):
     if error is not None:
         raise error
     return value
+
+
+@contextmanager
+def held_by_main_process(accelerator, context):
+    """Enter `context` (a run folder's lock) on the main process only and hold it while the block
+    runs; a UserError raised on entering it (the folder is busy, say) stops every process."""
+    with ExitStack() as held:
+        refusal = None
+        if accelerator.is_main_process:
+            try:
+                held.enter_context(context)
+            except UserError as e:
+                refusal = e
+        if accelerator.num_processes > 1:
+            refusal = broadcast_object_list([refusal])[0]
+        if refusal is not None:
+            raise refusal
+        yield
 
 
 def check_shared_run_folder(accelerator, run_dir):
