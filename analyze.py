@@ -4,6 +4,8 @@
     python analyze.py diagnostics <run dir>   heatmaps of the run's diagnostics.jsonl (config.diagnostics)
     python analyze.py convert <run dir or checkpoint> --to rmsnorm --out <new run dir>
                                               the exact LayerNorm -> RMSNorm conversion (study/convert.py)
+    python analyze.py recentering <comparison dir> [--delta_threshold 0.01] [--jobs 2]
+                                              do norm-input statistics predict the probe's Δ? (study/recentering.py)
 
 The probe (study/probe.py) flips ONE norm site at a time (LayerNorm loses its mean subtraction, any
 other norm gains one) and removes each QK-norm and output norm, then evaluates the fixed validation
@@ -19,7 +21,8 @@ import sys
 from config import ArgumentParser, UserError, run_main
 
 USAGE = ("usage: python analyze.py probe|diagnostics <run dir>  |  "
-         "python analyze.py convert <run dir or checkpoint> --to rmsnorm --out <new run dir>")
+         "python analyze.py convert <run dir or checkpoint> --to rmsnorm --out <new run dir>  |  "
+         "python analyze.py recentering <comparison dir> [--delta_threshold NATS] [--jobs N]")
 
 
 def convert(argv):
@@ -33,12 +36,23 @@ def convert(argv):
     run_convert(args.source, args.to, args.out, args.windows)
 
 
+def recentering(argv):
+    from study.recentering import DELTA_THRESHOLD, run_recentering
+    p = ArgumentParser(prog="analyze.py recentering", hint="; " + USAGE)
+    p.add_argument("folder", help="a comparison's out_dir (compare.py), or one run dir")
+    p.add_argument("--delta_threshold", type=float, default=DELTA_THRESHOLD,
+                   help=f"|Δ val loss| above which a site needs its re-centering state (default {DELTA_THRESHOLD})")
+    p.add_argument("--jobs", type=int, default=1, help="worker processes for the probes still to run")
+    args = p.parse_args(argv)
+    run_recentering(args.folder, args.delta_threshold, args.jobs)
+
+
 def main():
     from study.probe import run_diagnostics, run_probe
     one_folder = {"probe": run_probe, "diagnostics": run_diagnostics}
     command, rest = (sys.argv[1], sys.argv[2:]) if len(sys.argv) > 1 else (None, [])
-    if command == "convert":
-        return convert(rest)
+    if command in ("convert", "recentering"):
+        return {"convert": convert, "recentering": recentering}[command](rest)
     if command not in one_folder or len(rest) != 1:
         raise UserError(USAGE)
     one_folder[command](rest[0])
