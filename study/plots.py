@@ -6,6 +6,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
 
@@ -154,6 +155,7 @@ def plot_recentering(records, statistics, threshold, path, title="", floor=1e-7)
         ax.axhline(threshold, color="black", linestyle="--", linewidth=0.8)
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # labels of 2x, 3x.. overlap on short ranges
         ax.set_xlabel(f"{statistic} of norm input", fontsize=9)
         ax.set_ylabel("|Δ val loss| when the site is flipped", fontsize=9)
         ax.grid(alpha=0.3, which="both")

@@ -228,7 +228,8 @@ def report(records, folder, delta_threshold, rng):
               "other sites (mean subtraction added)": [r for r in records if not r["recenters"]]}
     out = {"folder": str(folder), "delta_threshold": delta_threshold, "n_runs": len({r["run"] for r in records}),
            "n_sites": len(records), "n_needing": sum(r["abs_delta"] > delta_threshold for r in records),
-           "correlations": {name: [correlations(g, s, rng) for s in STATISTICS] for name, g in groups.items() if g},
+           "correlations": {name: [correlations(g, s, rng) for s in STATISTICS] for name, g in groups.items()
+                            if g and (name == "all sites" or len(g) < len(records))},  # a one-direction study: pooled only
            "held_out": [held_out(records, s, delta_threshold) for s in STATISTICS],
            "largest": sorted(records, key=lambda r: -r["abs_delta"])[:10]}
     return out
@@ -252,8 +253,11 @@ def markdown(result):
     lines += ["", "## Held-out check", "",
               f"A threshold t on each statistic (\"needs re-centering\" when statistic ≥ t) is fitted on one half of "
               f"the runs (best balanced accuracy) and scored on the other half, both ways round. Always-no: the "
-              f"accuracy of calling no site, the rate to beat. No threshold when the fitting half has one class only.", "",
-              "| statistic | split | fitted on → tested on (sites, positives) | threshold | accuracy | balanced accuracy | always-no |",
+              f"accuracy of calling no site, the rate to beat. No threshold when the fitting half has one class only.", ""]
+    if not result["n_needing"]:
+        lines += [f"No site's flip moved the val loss by more than {result['delta_threshold']:g} nats, so there is "
+                  f"nothing to predict at this threshold: calling no site is always right.", ""]
+    lines += ["| statistic | split | fitted on → tested on (sites, positives) | threshold | accuracy | balanced accuracy | always-no |",
               "|---|---|---|---|---|---|---|"]
     for h in result["held_out"]:
         for f in h["folds"]:
