@@ -22,8 +22,8 @@ import torch
 
 from config import UserError, check_folder, save_config
 from study import convert
-from training.checkpoint import (CONFIG, STATE, TOKENIZER, Counters, find_checkpoint, list_checkpoints, load_model,
-                                 read_meta, save_checkpoint, track_training_state)
+from training.checkpoint import (CONFIG, STATE, TOKENIZER, Counters, list_checkpoints, load_model, read_meta,
+                                 save_checkpoint, track_training_state)
 from training.runlog import DIAGNOSTICS, METRICS, jsonl_lines_up_to, run_folder_lock, write_atomic
 
 TARGETS = ("rmsnorm",)
@@ -119,9 +119,8 @@ def check_out(out, source_folder):
 def run_convert(source, to, out, windows=0, log=print):
     if to not in TARGETS:
         raise UserError(f"--to {to!r}: the exact conversion goes to {', '.join(TARGETS)}")
-    folder = find_checkpoint(source)
+    model, config, folder = load_model(source)  # any run dir or checkpoint folder the loaders know
     out = check_out(out, folder)
-    model, config, folder = load_model(folder)
     converted, new_config, plan = convert.convert_model(model)
     new_config = dataclasses.replace(new_config, out_dir=str(out))
     checks = {"random tokens": convert.exactness(model, converted, random_batches(config)),

@@ -86,3 +86,27 @@ def test_recentering_on_a_tiny_comparison(tmp_path, shared_cache):
     assert cli.returncode == 0 and "Re-centering predictor" in cli.stdout, cli.stderr
     bad = run_cli("analyze.py", "recentering", str(folder), "--delta_threshold", "0")
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "--delta_threshold" in bad.stderr
+
+
+STUDY_CONFIGS = ["study_recentering.toml", "study_guided_stack.toml", "study_stability_400.toml",
+                 "gpu/study_recentering_20m.toml", "gpu/study_recentering_124m.toml"]
+
+
+@pytest.mark.parametrize("name", STUDY_CONFIGS)
+def test_study_configs_build_every_run(name, tmp_path):
+    import re
+    from compare import load_comparison
+    text = (ROOT / "configs" / name).read_text()
+    # the commented pairs are meant to be enabled by deleting "# ": they must build too
+    enabled = re.sub(r"^# (\[variants\.|[a-z_]+ = )", r"\1", text, flags=re.M)
+    for spec in {text, enabled}:
+        (tmp_path / "c.toml").write_text(spec.replace('out_dir = "runs/', f'out_dir = "{tmp_path}/'))
+        comparison = load_comparison(tmp_path / "c.toml")
+        assert len(comparison.runs) == len(comparison.seeds) * len(comparison.variants)
+        pairs = [v for v in comparison.variants if v.endswith(("_ln", "_rms"))]
+        # each LN variant has its RMS twin, differing only in the norm names
+        for ln in [v for v in pairs if v.endswith("_ln")]:
+            configs = {label: c for label, seed, c in comparison.runs if seed == comparison.seeds[0]}
+            a, b = configs[ln].to_dict(), configs[ln[:-3] + "_rms"].to_dict()
+            differ = {k for k in a if a[k] != b[k]} - {"out_dir", "tracker_run_name"}
+            assert differ and differ <= {"norm", "qk_norm", "output_norm"}, (ln, differ)
