@@ -24,7 +24,7 @@ the norm: ln_f's bias feeds the bias-free head and a QK-norm's bias the attentio
 there is no linear layer to fold them into; keeping every site's g and b also keeps the probe and
 the diagnostics comparable site by site).
 
-The centering is done in fp64 and stored in fp32; `logit_change` measures the result.
+The centering is done in fp64 and stored in the source's dtype; `exactness` measures the result.
 """
 import copy
 import dataclasses
@@ -120,9 +120,6 @@ def converted_config(config, untie):
         swap["block_norms"] = [[target if n == "layernorm" else n for n in pair]
                                for pair in parse_block_norms(config.block_norms, config.n_layer)]
     if untie:
-        if not hasattr(config, "tie_embeddings"):
-            raise UserError("converting this model needs an untied output head (the centered token embedding "
-                            "would change the tied head's logits), and this normgpt has no tie_embeddings key")
         swap["tie_embeddings"] = False
     return dataclasses.replace(config, **swap)
 
@@ -163,7 +160,7 @@ def convert_state(model, the_plan):
             if key in state:
                 put(key, center_outputs)
     C, heads = config.n_embd, config.n_head
-    head_dim, kv_heads = C // heads, getattr(config, "n_kv_head", 0) or heads
+    head_dim, kv_heads = C // heads, config.n_kv_head or heads
     for i in the_plan["qk"]:
         for name in ("weight", "bias"):
             key = f"transformer.h.{i}.attn.c_attn.{name}"
@@ -185,7 +182,7 @@ def convert_model(model):
     LayerNorm an RMSNorm; a UserError where that is not exact."""
     from model import GPT
     the_plan = plan(model)
-    untie = (the_plan["stream"] or the_plan["embed"]) and getattr(model.config, "tie_embeddings", True)
+    untie = (the_plan["stream"] or the_plan["embed"]) and model.config.tie_embeddings
     the_plan["untied_head"] = untie
     config = converted_config(model.config, untie)
     converted = GPT(config).to(dtype=next(model.parameters()).dtype)

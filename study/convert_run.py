@@ -107,6 +107,16 @@ def write_checkpoint(out, model, config, folder, meta):
         release_accelerator(accelerator)
 
 
+def inexact(checks):
+    """Why the measured logits (convert.exactness per batch set) are not equal to fp32 precision, or None."""
+    for where, c in checks.items():
+        allowed = max(ABSOLUTE, ROUNDING_FACTOR * c["source_fp32_rounding"])
+        if not c["fp32"] <= allowed:  # a NaN is not equal either
+            return (f"the converted model's logits differ from the source's by up to {c['fp32']:.3g} on {where} "
+                    f"(allowed {allowed:.3g}): this architecture is not one the conversion knows; nothing was written")
+    return None
+
+
 def check_out(out, source_folder):
     out = check_folder(out, "--out")
     if list_checkpoints(out) or (out / CONFIG).exists():
@@ -125,12 +135,9 @@ def run_convert(source, to, out, windows=0, log=print):
     new_config = dataclasses.replace(new_config, out_dir=str(out))
     checks = {"random tokens": convert.exactness(model, converted, random_batches(config)),
               "validation windows": convert.exactness(model, converted, validation_windows(config, windows))}
-    for where, c in checks.items():
-        allowed = max(ABSOLUTE, ROUNDING_FACTOR * c["source_fp32_rounding"])
-        if c["fp32"] > allowed:
-            raise UserError(f"the converted model's logits differ from the source's by up to {c['fp32']:.3g} on "
-                            f"{where} (allowed {allowed:.3g}): this architecture is not one the conversion knows; "
-                            f"nothing was written")
+    problem = inexact(checks)
+    if problem:
+        raise UserError(problem)
     meta = read_meta(folder)
     with run_folder_lock(out):
         checkpoint = write_checkpoint(out, converted, new_config, folder, meta)

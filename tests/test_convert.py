@@ -95,6 +95,30 @@ def test_inexact_conversions_are_refused_in_one_line(overrides, message, small_m
     assert message in str(refused.value) and "\n" not in str(refused.value)
 
 
+def test_a_conversion_is_written_only_at_fp32_precision():
+    from study.convert_run import inexact
+    ok = {"random tokens": {"fp32": 9e-6, "source_fp32_rounding": 1e-5}}
+    assert inexact(ok) is None
+    # a GPT-2-sized model rounds more: 10x its own rounding is allowed above the 1e-4 floor
+    assert inexact({"validation windows": {"fp32": 4e-4, "source_fp32_rounding": 6e-5}}) is None
+    for fp32 in (2e-4, float("nan")):
+        problem = inexact({**ok, "validation windows": {"fp32": fp32, "source_fp32_rounding": 1e-5}})
+        assert "on validation windows (allowed 0.0001)" in problem and "\n" not in problem
+
+
+def test_out_folder_holding_a_run_or_the_source_is_refused(tmp_path):
+    from study.convert_run import check_out
+    source = tmp_path / "run" / "checkpoints" / "step_0000010"
+    source.mkdir(parents=True)
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "config.json").write_text("{}")
+    with pytest.raises(UserError, match="already holds a run"):
+        check_out(tmp_path / "taken", source)
+    with pytest.raises(UserError, match="holds the source checkpoint"):
+        check_out(tmp_path, source)  # a folder above the source
+    assert check_out(tmp_path / "new", source) == tmp_path / "new"
+
+
 def trained_run(tiny_config, name, **overrides):
     from train import train
     config = tiny_config(out_dir=str(tiny_config().out_dir) + f"_{name}", max_steps=12, eval_interval=6,
