@@ -1,8 +1,8 @@
 """The exact LayerNorm -> RMSNorm conversion (study/convert.py, `analyze.py convert`): the same logits
 for every stack it accepts, one-line refusals for those it does not, and a run folder that resumes,
 samples and probes."""
-import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +11,7 @@ from config import UserError, load_config
 from model import GPT
 from model.diagnostics import norm_sites
 from model.norms import BiasRMSNorm, LayerNorm, RMSNorm
-from repo import ROOT, run_cli
+from repo import run_cli
 from study import convert
 
 
@@ -142,8 +142,12 @@ def test_converted_run_has_the_same_logits_and_resumes_samples_and_probes(overri
     saved = json.loads((out / "config.json").read_text())
     assert saved["tie_embeddings"] is False and saved["norm"] == ("rmsnorm_bias" if overrides else "rmsnorm")
     assert saved["qk_norm"] == ("rmsnorm_bias" if overrides else "")
-    # its log carries the source's history, its checkpoint the source's step
+    # its log carries the source's history, its checkpoint the source's step, counters and data position
     assert [json.loads(l)["step"] for l in (out / "metrics.jsonl").read_text().splitlines()][-1] == 12
+    state = [folder / "checkpoints" / "step_0000012" / "state" for folder in (Path(source.out_dir), out)]
+    for index in (0, 1):
+        saved = [torch.load(s / f"custom_checkpoint_{index}.pkl", weights_only=False) for s in state]
+        assert saved[0] == saved[1]
     resumed = load_config(out / "config.toml", {"max_steps": 18})
     assert resumed.out_dir == str(out)
     result = train(resumed, resume=True, log=lambda *_: None)
