@@ -148,6 +148,11 @@ def test_converted_run_has_the_same_logits_and_resumes_samples_and_probes(overri
     for index in (0, 1):
         saved = [torch.load(s / f"custom_checkpoint_{index}.pkl", weights_only=False) for s in state]
         assert saved[0] == saved[1]
+    # every converted norm now reads zero-mean vectors: adding mean subtraction anywhere changes nothing
+    rows = run_probe(out, log=lambda *_: None)
+    flips = [r for r in rows if r["recenters"] is not None]
+    assert {r["norm"] for r in flips} <= {"RMSNorm", "BiasRMSNorm"} and len(flips) == 2 * (4 if overrides else 2) + 1
+    assert max(abs(r["delta"]) for r in flips) < 1e-5
     resumed = load_config(out / "config.toml", {"max_steps": 18})
     assert resumed.out_dir == str(out)
     result = train(resumed, resume=True, log=lambda *_: None)
@@ -157,8 +162,6 @@ def test_converted_run_has_the_same_logits_and_resumes_samples_and_probes(overri
     samples = generate_samples(parse_args([str(out), "--num_samples", "1", "--max_new_tokens", "8", "--device", "cpu"]),
                                out=open(tmp_path / "samples.txt", "w"))
     assert len(samples) == 1
-    rows = run_probe(out, log=lambda *_: None)
-    assert {r["norm"] for r in rows if r["recenters"] is not None} <= {"RMSNorm", "BiasRMSNorm"}
 
 
 @pytest.mark.slow
