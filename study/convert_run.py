@@ -65,8 +65,7 @@ def validation_windows(config, windows):
 def source_counters(folder, meta):
     """(Counters, data generator state or None) as the source checkpoint's state/ has them: its own
     only for a one-process run (every process of a larger run drew a slice of one global batch)."""
-    counters = Counters(step=meta.get("step", 0), tokens_seen=0, elapsed_s=0.0, best_val_loss=float("inf"),
-                        skipped_steps=0, bad_steps_in_row=0)
+    counters = Counters(step=meta.get("step", 0))
     state = Path(folder) / STATE
     if meta.get("num_processes") != 1 or not (state / "custom_checkpoint_1.pkl").is_file():
         return counters, None
@@ -98,9 +97,9 @@ def write_checkpoint(out, model, config, folder, meta):
         if data_state is not None:
             batches.load_state_dict(data_state)
         track_training_state(accelerator, batches, counters)
-        torch.manual_seed(config.seed + counters["step"])  # the RNG states saved beside it: reproducible
+        torch.manual_seed(config.seed + counters.step)  # the RNG states saved beside it: reproducible
         keep = {k: meta[k] for k in ("tokenizer_hash", "corpus_hash") if k in meta}
-        return save_checkpoint(accelerator, out, counters["step"], prepared, config,
+        return save_checkpoint(accelerator, out, counters.step, prepared, config,
                                {**keep, "sharding": "none", "converted_from": str(folder)},
                                Path(folder) / TOKENIZER, keep=1)
     finally:

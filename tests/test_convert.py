@@ -11,7 +11,7 @@ from config import UserError, load_config
 from model import GPT
 from model.diagnostics import norm_sites
 from model.norms import BiasRMSNorm, LayerNorm, RMSNorm
-from repo import run_cli
+from repo import run_cli, tiny_run_config
 from study import convert
 
 
@@ -119,22 +119,21 @@ def test_out_folder_holding_a_run_or_the_source_is_refused(tmp_path):
     assert check_out(tmp_path / "new", source) == tmp_path / "new"
 
 
-def trained_run(tiny_config, name, **overrides):
+def trained_run(folder, cache, **overrides):
     from train import train
-    config = tiny_config(out_dir=str(tiny_config().out_dir) + f"_{name}", max_steps=12, eval_interval=6,
-                         diagnostics=True, **overrides)
+    config = tiny_run_config(folder, cache, max_steps=12, eval_interval=6, diagnostics=True, **overrides)
     train(config, log=lambda *_: None)
     return config
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("overrides", [dict(), dict(bias=True, qk_norm="layernorm")], ids=["no biases", "biases, QK LN"])
-def test_converted_run_has_the_same_logits_and_resumes_samples_and_probes(overrides, tiny_config, tmp_path):
+def test_converted_run_has_the_same_logits_and_resumes_samples_and_probes(overrides, shared_cache, tmp_path):
     from sample import generate_samples, parse_args
     from study.convert_run import run_convert
     from study.probe import run_probe
     from train import train
-    source = trained_run(tiny_config, "source", **overrides)
+    source = trained_run(tmp_path / "source", shared_cache, **overrides)
     out = tmp_path / "converted"
     record = run_convert(source.out_dir, "rmsnorm", str(out), log=lambda *_: None)
     for where in ("random tokens", "validation windows"):
@@ -165,8 +164,8 @@ def test_converted_run_has_the_same_logits_and_resumes_samples_and_probes(overri
 
 
 @pytest.mark.slow
-def test_cli_refuses_post_norm_in_one_line_and_writes_nothing(tiny_config, tmp_path):
-    source = trained_run(tiny_config, "post", norm_position="post", warmup_steps=2)
+def test_cli_refuses_post_norm_in_one_line_and_writes_nothing(shared_cache, tmp_path):
+    source = trained_run(tmp_path / "post", shared_cache, norm_position="post", warmup_steps=2)
     result = run_cli("analyze.py", "convert", source.out_dir, "--to", "rmsnorm", "--out", str(tmp_path / "out"))
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "post-norm" in result.stderr
