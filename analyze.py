@@ -1,24 +1,61 @@
-"""Look inside a trained run.
+"""Look inside a trained run, or convert one.
 
     python analyze.py probe <run dir>         re-centering probe: which norm sites depend on mean subtraction?
     python analyze.py diagnostics <run dir>   heatmaps of the run's diagnostics.jsonl (config.diagnostics)
+    python analyze.py convert <run dir or checkpoint> --to rmsnorm --out <new run dir>
+                                              the exact LayerNorm -> RMSNorm conversion (study/convert.py)
+    python analyze.py recentering <comparison dir> [--delta_threshold 0.01] [--jobs 2]
+                                              do norm-input statistics predict the probe's Δ? (study/recentering.py)
 
 The probe (study/probe.py) flips ONE norm site at a time (LayerNorm loses its mean subtraction, any
 other norm gains one) and removes each QK-norm and output norm, then evaluates the fixed validation
 set: Δ val loss says how much the trained weights rely on each site. Outputs: <run dir>/probe.md (also
 printed), probe.json, probe.png.
+
+convert centers every writer of each LayerNorm's input so that it sees zero-mean vectors, where
+LayerNorm and RMSNorm are one function (Jiang et al. 2023), and writes a run folder with the same
+logits (checked on random tokens and the validation windows) that samples, probes and resumes.
 """
 import sys
 
-from config import UserError, run_main
-from study.probe import run_diagnostics, run_probe
+from config import ArgumentParser, UserError, run_main
+
+USAGE = ("usage: python analyze.py probe|diagnostics <run dir>  |  "
+         "python analyze.py convert <run dir or checkpoint> --to rmsnorm --out <new run dir>  |  "
+         "python analyze.py recentering <comparison dir> [--delta_threshold NATS] [--jobs N]")
+
+
+def convert(argv):
+    from study.convert_run import run_convert
+    p = ArgumentParser(prog="analyze.py convert", hint="; " + USAGE)
+    p.add_argument("source", help="a run dir (its newest intact checkpoint) or a checkpoint folder")
+    p.add_argument("--to", required=True, help="the norm every LayerNorm becomes: rmsnorm")
+    p.add_argument("--out", required=True, help="the converted run folder (new)")
+    p.add_argument("--windows", type=int, default=0, help="validation windows the logits are checked on (0 = all)")
+    args = p.parse_args(argv)
+    run_convert(args.source, args.to, args.out, args.windows)
+
+
+def recentering(argv):
+    from study.recentering import DELTA_THRESHOLD, run_recentering
+    p = ArgumentParser(prog="analyze.py recentering", hint="; " + USAGE)
+    p.add_argument("folder", help="a comparison's out_dir (compare.py), or one run dir")
+    p.add_argument("--delta_threshold", type=float, default=DELTA_THRESHOLD,
+                   help=f"|Δ val loss| above which a site needs its re-centering state (default {DELTA_THRESHOLD})")
+    p.add_argument("--jobs", type=int, default=1, help="worker processes for the probes still to run")
+    args = p.parse_args(argv)
+    run_recentering(args.folder, args.delta_threshold, args.jobs)
 
 
 def main():
-    commands = {"probe": run_probe, "diagnostics": run_diagnostics}
-    if len(sys.argv) != 3 or sys.argv[1] not in commands:
-        raise UserError(f"usage: python analyze.py {{{'|'.join(commands)}}} <run dir>")
-    commands[sys.argv[1]](sys.argv[2])
+    from study.probe import run_diagnostics, run_probe
+    one_folder = {"probe": run_probe, "diagnostics": run_diagnostics}
+    command, rest = (sys.argv[1], sys.argv[2:]) if len(sys.argv) > 1 else (None, [])
+    if command in ("convert", "recentering"):
+        return {"convert": convert, "recentering": recentering}[command](rest)
+    if command not in one_folder or len(rest) != 1:
+        raise UserError(USAGE)
+    one_folder[command](rest[0])
 
 
 if __name__ == "__main__":

@@ -60,6 +60,24 @@ class RMSNorm(nn.Module):
         return triton_add_rms_norm(x, residual, self.weight, self.eps)
 
 
+class BiasRMSNorm(RMSNorm):
+    """rmsnorm plus LayerNorm's bias: x / sqrt(mean(x^2) + eps) * g (+ b when config.bias), the same
+    parameters as layernorm. On a zero-mean input it IS layernorm, which is what `analyze.py convert`
+    (study/convert.py) makes every converted site see: the image of a biased LayerNorm there, since
+    ln_f's bias feeds the bias-free head and a QK-norm's feeds a dot product (no linear to fold into).
+    With bias = false it is rmsnorm."""
+
+    def __init__(self, dim, config):
+        super().__init__(dim, config)
+        self.bias = nn.Parameter(torch.zeros(dim)) if config.bias else None
+
+    def forward(self, x):
+        y = super().forward(x)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    add_norm = None  # the fused kernel has no bias
+
+
 class PartialRMSNorm(RMSNorm):
     """pRMSNorm (same paper): the RMS is estimated from the first ceil(p*d) features only
     (p = config.prms_fraction) and applied to all of them."""
@@ -189,6 +207,7 @@ class Identity(nn.Module):
 NORMS = {
     "layernorm": LayerNorm,
     "rmsnorm": RMSNorm,
+    "rmsnorm_bias": BiasRMSNorm,
     "triton_rmsnorm": TritonRMSNorm,
     "prmsnorm": PartialRMSNorm,
     "scalenorm": ScaleNorm,

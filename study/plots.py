@@ -6,6 +6,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
 
@@ -134,6 +135,32 @@ def plot_loss_vs_sweep(summary, values, path, title=""):
     ax.set_title(f"{title}: final val loss (diverged = initial loss, marked x)", fontsize=9)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_recentering(records, statistics, threshold, path, title="", floor=1e-7):
+    """One log-log panel per statistic: |Δ val loss| of each (run, site) flip against the statistic of
+    the site's input; blue: LayerNorm sites (mean subtraction removed), orange: others (added); the
+    dashed line is the |Δ| threshold. Values below `floor` are drawn at it (a flip can give exactly 0)."""
+    fig, axes = plt.subplots(1, len(statistics), figsize=(3.6 * len(statistics), 3.6), dpi=90, squeeze=False)
+    y = np.maximum([r["abs_delta"] for r in records], floor)
+    for ax, statistic in zip(axes[0], statistics):
+        x = np.maximum([r[statistic] for r in records], floor)
+        for recenters, color, label in ((True, "tab:blue", "LayerNorm: removed"), (False, "tab:orange", "other: added")):
+            mask = np.array([r["recenters"] == recenters for r in records])
+            if mask.any():
+                ax.scatter(x[mask], y[mask], s=12, alpha=0.7, color=color, label=label)
+        ax.axhline(threshold, color="black", linestyle="--", linewidth=0.8)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # labels of 2x, 3x.. overlap on short ranges
+        ax.set_xlabel(f"{statistic} of norm input", fontsize=9)
+        ax.set_ylabel("|Δ val loss| when the site is flipped", fontsize=9)
+        ax.grid(alpha=0.3, which="both")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"re-centering predictor: {title}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
