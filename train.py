@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from training.checkpoint import (Counters, check_resumable, list_checkpoints, load_checkpoint, newest_intact_checkpoint,
                         save_checkpoint, track_training_state)
+import hf
 from config import UserError, check_folder, load_config, run_main
 from data.batches import TrainBatches, validation_batches
 from data.prepare import check_data_size, prepare_data
@@ -74,6 +75,7 @@ def tracker_scalars(entry, diagnostics=None):
 
 def train(config, resume=False, log=None):
     """Train (or resume) the run in config.out_dir; returns a summary dict of the run."""
+    config = hf.resolve_init_from(config)  # init_from: architecture and tokenizer of a transformers checkpoint
     check_model_config(config)  # a bad norm stack fails here, before any data is prepared
     check_folder(config.out_dir, "out_dir")
     check_folder(config.cache_dir, "cache_dir")
@@ -122,6 +124,8 @@ def _train(config, resume, log, accelerator):
     # broadcasts them), then a random stream per process: distinct dropout masks
     seed_everything(config.seed)
     model = GPT(config)
+    if config.init_from and not resume:  # a fine-tune starts from the checkpoint's weights (a resume from its own)
+        hf.load_init_weights(model, config, log)
     seed_everything(config.seed + accelerator.process_index)
     log(model.describe_norms())
     log(f"parameters: {model.num_params():,}  |  processes: {accelerator.num_processes}  |  "

@@ -1,0 +1,2 @@
+"""Hugging Face interop: start from transformers checkpoints, study them, export runs to them (docs/hf_interop.md)."""
+from hf.load import is_transformers_source, load_init_weights, load_pretrained, resolve_init_from
