@@ -31,7 +31,7 @@ def is_identity(key, config):
 @torch.no_grad()
 def to_transformers(model, config, eod_id, where="the model"):
     """(family, the transformers model holding model's weights, in fp32)."""
-    transformers = require_transformers("export")
+    transformers = require_transformers("exporting")
     kind = export_family(config, where)
     hf_config = getattr(transformers, CONFIG_CLASSES[kind])(**hf_config_values(kind, config, eod_id))
     hf_model = getattr(transformers, CLASSES[kind])(hf_config).float().eval()
@@ -59,7 +59,7 @@ def export_model(model, config, tokenizer_path, out, where="the model"):
     tokenizer = Tokenizer.from_file(str(tokenizer_path))
     eod_name, eod_id = end_of_document(tokenizer, config.eod_token)
     kind, hf_model = to_transformers(model, config, eod_id, where)
-    transformers = require_transformers("export")
+    transformers = require_transformers("exporting")
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:

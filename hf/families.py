@@ -213,5 +213,6 @@ def export_state(kind, ours, config):
                 if f"{src}{our_name}.{part}" in ours:
                     theirs[f"{dst}{their_name}.{part}"] = ours[f"{src}{our_name}.{part}"]
     for their_name, our_name in LLAMA_GLOBAL:
-        theirs[their_name] = ours[our_name]
+        if our_name in ours:  # ln_f has no weight under norm_gain = false
+            theirs[their_name] = ours[our_name]
     return theirs

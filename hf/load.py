@@ -74,7 +74,7 @@ def first_line(e):
 def checkpoint_config(source):
     """(family, {our config key: value}) of a transformers checkpoint's config.json."""
     check_source(source)
-    transformers = require_transformers("init_from")
+    transformers = require_transformers(f"{source!r} is a transformers checkpoint: reading it")
     try:
         hf = transformers.AutoConfig.from_pretrained(source)
     except Exception as e:  # OSError for a missing hub id or no network, ValueError for an unknown model_type
@@ -194,7 +194,7 @@ def norm_changes(source, target):
 
 def load_transformers_model(source):
     """The checkpoint's transformers model in fp32, every weight read from its files."""
-    transformers = require_transformers("init_from")
+    transformers = require_transformers(f"{source!r} is a transformers checkpoint: reading it")
     try:
         model, info = transformers.AutoModelForCausalLM.from_pretrained(source, output_loading_info=True)
     except Exception as e:
