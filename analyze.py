@@ -2,7 +2,7 @@
 
     python analyze.py probe <run dir>         re-centering probe: which norm sites depend on mean subtraction?
     python analyze.py diagnostics <run dir>   heatmaps of the run's diagnostics.jsonl (config.diagnostics)
-    python analyze.py probe gpt2 [--block_size=1024 --eval_windows=16 --data=stdlib --out_dir=...]
+    python analyze.py probe gpt2 [--block_size=1024 --eval_windows=8 --data=stdlib --out_dir=...]
     python analyze.py diagnostics <transformers folder or hub id> [--key=value ...]
 
 The probe (study/probe.py) flips ONE norm site at a time (LayerNorm loses its mean subtraction, any
@@ -22,7 +22,7 @@ import hf
 from config import UserError, parse_cli_overrides, run_main
 from study.probe import measure_diagnostics, probe_model, run_diagnostics, run_probe
 
-PRETRAINED_DEFAULTS = {"eval_windows": 16, "batch_size": 4}  # a CPU-sized evaluation of a 100M+ model
+PRETRAINED_DEFAULTS = {"eval_windows": 8, "batch_size": 4}  # CPU-sized for a 100M+ model: GPT-2 124M in ~25-45 min
 
 
 def pretrained(command, source, args):

@@ -218,6 +218,13 @@ def test_a_source_that_is_no_transformers_checkpoint_is_one_line(tmp_path, sourc
     assert message in one_line_error(lambda: hf.load_pretrained(source.format(**fill)))
 
 
+def test_a_checkpoint_without_tokenizer_json_is_one_line(checkpoint, tmp_path):
+    for name in ("config.json", "model.safetensors"):
+        (tmp_path / name).write_bytes((checkpoint("gpt2") / name).read_bytes())
+    assert f"{str(tmp_path)!r} has no tokenizer.json; data is encoded with it" in one_line_error(
+        lambda: hf.load_pretrained(tmp_path))
+
+
 def test_which_arguments_name_a_transformers_checkpoint(checkpoint, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "file").write_text("x")
