@@ -155,7 +155,7 @@ def source_config(config, keys):
                    block_norms="")
 
 
-def norm_sites(config):
+def site_prefixes(config):
     """[(parameter prefix, site name, norm name, the Linears reading its output)] of every norm site."""
     blocks, final = resolve_norm_stack(config)
     sites = []
@@ -170,14 +170,14 @@ def norm_sites(config):
 
 
 def parameters_of(name, config):
-    return {k for k, v in make_norm(name, 8, config).named_parameters()}
+    return {key for key, _ in make_norm(name, 8, config).named_parameters()}
 
 
 def norm_changes(source, target):
     """[(prefix, readers, fold the bias?)] of the sites whose norm target changes from source's; a
     UserError for a change that cannot start from the old norm's parameters (module docstring)."""
     changes = []
-    for (prefix, site, old, readers), (_, _, new, _) in zip(norm_sites(source), norm_sites(target)):
+    for (prefix, site, old, readers), (_, _, new, _) in zip(site_prefixes(source), site_prefixes(target)):
         if old == new:
             continue
         before, after = parameters_of(old, source), parameters_of(new, target)
