@@ -1,7 +1,9 @@
-"""Look inside a trained run, or convert one.
+"""Look inside a trained run or a pretrained transformers model, or convert a run.
 
     python analyze.py probe <run dir>         re-centering probe: which norm sites depend on mean subtraction?
     python analyze.py diagnostics <run dir>   heatmaps of the run's diagnostics.jsonl (config.diagnostics)
+    python analyze.py probe gpt2 [--block_size=1024 --eval_windows=8 --data=stdlib --out_dir=...]
+    python analyze.py diagnostics <transformers folder or hub id> [--key=value ...]
     python analyze.py convert <run dir or checkpoint> --to rmsnorm --out <new run dir>
                                               the exact LayerNorm -> RMSNorm conversion (study/convert.py)
     python analyze.py recentering <comparison dir> [--delta_threshold 0.01] [--jobs 2]
@@ -15,14 +17,32 @@ printed), probe.json, probe.png.
 convert centers every writer of each LayerNorm's input so that it sees zero-mean vectors, where
 LayerNorm and RMSNorm are one function (Jiang et al. 2023), and writes a run folder with the same
 logits (checked on random tokens and the validation windows) that samples, probes and resumes.
+
+A transformers checkpoint folder or hub id (hf/) is evaluated on config's data (the embedded corpus
+unless --data says otherwise) encoded with the checkpoint's own tokenizer; --key=value sets any config
+key: block_size (the context, at most the checkpoint's), eval_windows, batch_size, data, out_dir (the
+outputs; default runs/pretrained/<name>). diagnostics measures the model once on batch_size windows.
 """
 import sys
+from pathlib import Path
 
-from config import ArgumentParser, UserError, run_main
+import hf
+from config import ArgumentParser, UserError, parse_cli_overrides, run_main
 
-USAGE = ("usage: python analyze.py probe|diagnostics <run dir>  |  "
+USAGE = ("usage: python analyze.py probe|diagnostics <run dir, transformers folder or hub id>  |  "
          "python analyze.py convert <run dir or checkpoint> --to rmsnorm --out <new run dir>  |  "
          "python analyze.py recentering <comparison dir> [--delta_threshold NATS] [--jobs N]")
+PRETRAINED_DEFAULTS = {"eval_windows": 8, "batch_size": 4}  # CPU-sized for a 100M+ model: GPT-2 124M in ~25-45 min
+
+
+def pretrained(command, source, args):
+    """`command` on a transformers checkpoint, without a training run."""
+    from study.probe import measure_diagnostics, probe_model
+    name = Path(source).name if Path(source).exists() else source.replace("/", "--")
+    overrides = {**PRETRAINED_DEFAULTS, "out_dir": str(Path("runs") / "pretrained" / name), **parse_cli_overrides(args)}
+    model, config, _ = hf.load_pretrained(source, overrides=overrides)
+    run = probe_model if command == "probe" else measure_diagnostics
+    run(model, config, config.out_dir, source)
 
 
 def convert(argv):
@@ -53,6 +73,8 @@ def main():
     command, rest = (sys.argv[1], sys.argv[2:]) if len(sys.argv) > 1 else (None, [])
     if command in ("convert", "recentering"):
         return {"convert": convert, "recentering": recentering}[command](rest)
+    if command in one_folder and rest and hf.is_transformers_source(rest[0]):
+        return pretrained(command, rest[0], rest[1:])  # a transformers checkpoint folder or hub id
     if command not in one_folder or len(rest) != 1:
         raise UserError(USAGE)
     one_folder[command](rest[0])

@@ -25,6 +25,8 @@ class UserError(Exception):
 @dataclass
 class Config:
     # --- model ---
+    init_from: str = ""           # a transformers checkpoint (folder or hub id) to start from: its architecture,
+                                  # tokenizer and weights; a config may change only the context and the norms (hf/load.py)
     vocab_size: int = 4096        # BPE vocabulary trained on the training split (incl. end-of-document)
     block_size: int = 128         # context length in tokens
     n_layer: int = 4

@@ -18,6 +18,7 @@ from accelerate.utils import DistributedType
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
+import hf
 from config import UserError, check_folder, load_config, run_main
 from data.batches import TrainBatches, validation_batches
 from data.prepare import check_data_size, prepare_data
@@ -53,6 +54,7 @@ class TrainingDiverged(UserError):
 
 def train(config, resume=False, log=None):
     """Train (or resume) the run in config.out_dir; returns a summary dict of the run."""
+    config = hf.resolve_init_from(config)  # init_from: architecture and tokenizer of a transformers checkpoint
     check_model_config(config)  # a bad norm stack fails here, before any data is prepared
     check_folder(config.out_dir, "out_dir")
     check_folder(config.cache_dir, "cache_dir")
@@ -96,7 +98,7 @@ def _train(config, resume, log, accelerator):
         check_resumable(start, config, data.tokenizer_hash, accelerator.num_processes, sharding)
 
     # --- model, optimizer, and the state a checkpoint restores
-    model, optimizer, fused = build_model(config, accelerator, log, sharding)
+    model, optimizer, fused = build_model(config, accelerator, log, sharding, resume)
     batches = TrainBatches(train_tokens, config.block_size, config.batch_size, config.seed,
                            accelerator.process_index, accelerator.num_processes)
     counters = Counters()
@@ -205,12 +207,14 @@ def _train(config, resume, log, accelerator):
     return result
 
 
-def build_model(config, accelerator, log, sharding):
+def build_model(config, accelerator, log, sharding, resume=False):
     """(model, optimizer, fused) prepared by accelerate. Every process builds the same initial weights
     (FSDP shards each process's own copy; nothing broadcasts them), then draws from a random stream of
     its own: distinct dropout masks."""
     seed_everything(config.seed)
     model = GPT(config)
+    if config.init_from and not resume:  # a fine-tune starts from the checkpoint's weights (a resume from its own)
+        hf.load_init_weights(model, config, log)
     seed_everything(config.seed + accelerator.process_index)
     log(model.describe_norms())
     log(f"parameters: {model.num_params():,}  |  processes: {accelerator.num_processes}  |  "

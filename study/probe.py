@@ -20,12 +20,13 @@ from accelerate import Accelerator
 from config import UserError
 from data.prepare import prepare_data
 from kernels.rmsnorm import rms_norm
-from model.diagnostics import SITE_SLOTS, norm_sites, site_slot
+from data.batches import validation_batches
+from model.diagnostics import SITE_SLOTS, collect, norm_sites, site_slot
 from model.norms import LayerNorm, upcast
 from study import plots
 from training.checkpoint import load_model
 from training.evaluation import evaluate
-from training.runlog import read_diagnostics
+from training.runlog import DIAGNOSTICS, read_diagnostics
 
 
 class Centered(nn.Module):
@@ -128,18 +129,42 @@ def probe_table(rows):
 
 
 def run_probe(run_dir, log=print):
-    run_dir = Path(run_dir)
     model, config, folder = load_model(run_dir)
+    return probe_model(model, config, run_dir, folder, log)
+
+
+def probe_model(model, config, out_dir, name, log=print):
+    """The probe of a loaded model on config's validation windows -> out_dir/probe.md, probe.json, probe.png
+    (analyze.py: a run's checkpoint, or a transformers checkpoint loaded by hf.load_pretrained)."""
+    out_dir = Path(out_dir)
     accelerator = Accelerator(cpu=config.device == "cpu")
     model.to(accelerator.device)
     data = prepare_data(config, log=lambda *a: None)
     rows = probe(model, data.tokens("val"), config, accelerator)
-    table = f"# Re-centering probe of {folder}\n\n{probe_table(rows)}\n"
-    (run_dir / "probe.md").write_text(table)
-    (run_dir / "probe.json").write_text(json.dumps(rows, indent=1))
-    plots.plot_probe(rows, run_dir / "probe.png", f"re-centering probe: {run_dir}")
-    log(table + f"\nwritten: {run_dir / 'probe.md'}, probe.json, probe.png")
+    table = f"# Re-centering probe of {name}\n\n{probe_table(rows)}\n"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "probe.md").write_text(table)
+    (out_dir / "probe.json").write_text(json.dumps(rows, indent=1))
+    plots.plot_probe(rows, out_dir / "probe.png", f"re-centering probe: {name}")
+    log(table + f"\nwritten: {out_dir / 'probe.md'}, probe.json, probe.png")
     return rows
+
+
+def measure_diagnostics(model, config, out_dir, name, log=print):
+    """The per-layer diagnostics (model/diagnostics.py) of a model that was not trained here, measured once
+    on the first batch_size validation windows -> out_dir/diagnostics.jsonl (one line, step 0) and
+    diagnostics.png; `analyze.py diagnostics out_dir` redraws them."""
+    out_dir = Path(out_dir)
+    device = Accelerator(cpu=config.device == "cpu").device
+    data = prepare_data(config, log=lambda *a: None)
+    x, _, _ = next(validation_batches(data.tokens("val"), config.block_size, config.batch_size, config.batch_size,
+                                      device=device))
+    row = {"step": 0, **collect(model.to(device), x), "grad_norm": None}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / DIAGNOSTICS).write_text(json.dumps(row) + "\n")
+    plots.plot_diagnostics([row], out_dir / "diagnostics.png", f"{name}: {config.batch_size} windows of {config.block_size}")
+    log(f"written: {out_dir / DIAGNOSTICS}, {out_dir / 'diagnostics.png'}")
+    return row
 
 
 def run_diagnostics(run_dir, log=print):

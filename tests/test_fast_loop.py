@@ -16,7 +16,7 @@ def test_a_test_not_marked_slow_cannot_start_a_program_or_train():
     with pytest.raises(refused, match="starts a spawned worker process"):
         multiprocessing.get_context("spawn").Process(target=print).start()
     with pytest.raises(refused, match="trains a run"):
-        train.build_model(None, None, None, None)
+        train.build_model(None, None, None, None, False)
     with multiprocessing.get_context("fork").Pool(1) as pool:  # data/encode.py's tokenizer workers
         assert pool.apply(abs, (-3,)) == 3
     assert subprocess.run(["true"]).returncode == 0  # other programs (a C++ build's g++) are allowed

@@ -7,7 +7,9 @@ inside functions too). Bottom to top:
     data/      knows no model: config only
     training/  the trainer's machinery: model, data, kernels, config
     study/     the comparison's and probe's library: everything above, no script
-    scripts    train, sample, compare, analyze (and the benchmarks) on top
+    hf/        Hugging Face interop, beside study/ (neither imports the other): everything below, no
+               script; the only package that imports transformers (lazily: a missing one is one line)
+    scripts    train, sample, compare, analyze, export (and the benchmarks) on top
 
 and the repository root shows them: the scripts, config.py and folders, each package saying in its
 docstring's first line what it holds.
@@ -20,15 +22,17 @@ from repo import ROOT
 from training import checkpoint
 
 SCRIPTS = {"train", "sample", "compare", "analyze", "export"}
-LAYERS = ["kernels", "config", "model", "data", "training", "study"]
+LAYERS = ["kernels", "config", "model", "data", "training", "study", "hf"]
 PROJECT = set(LAYERS) | SCRIPTS
+TRANSFORMERS = "transformers"  # an optional extra: hf/ alone imports it
 FORBIDDEN = {  # layer -> the project modules it may not import
     "kernels": PROJECT - {"kernels"},
     "config": PROJECT - {"config"},
     "model": PROJECT - {"model", "kernels", "config"},
     "data": PROJECT - {"data", "config"},
-    "training": {"study"} | SCRIPTS,
-    "study": SCRIPTS,
+    "training": {"study", "hf"} | SCRIPTS,
+    "study": {"hf"} | SCRIPTS,
+    "hf": {"study"} | SCRIPTS,
 }
 
 
@@ -42,15 +46,15 @@ def project_imports(source):
             names = [node.module]
         else:
             continue
-        found |= {(node.lineno, n.split(".")[0]) for n in names if n.split(".")[0] in PROJECT}
+        found |= {(node.lineno, n.split(".")[0]) for n in names if n.split(".")[0] in PROJECT | {TRANSFORMERS}}
     return found
 
 
 def wrong_arrows(module, source):
     """["module:line imports x"] for each import that points the wrong way; module is dotted."""
     layer = module.split(".")[0]
-    return [f"{module}:{line} imports {name}" for line, name in sorted(project_imports(source))
-            if name in FORBIDDEN.get(layer, ())]
+    forbidden = set(FORBIDDEN.get(layer, ())) | ({TRANSFORMERS} if layer != "hf" else set())
+    return [f"{module}:{line} imports {name}" for line, name in sorted(project_imports(source)) if name in forbidden]
 
 
 def project_modules():
@@ -63,7 +67,7 @@ def project_modules():
 
 def test_the_code_keeps_its_layers():
     modules = dict(project_modules())
-    assert {"config", "model.norms", "kernels.rmsnorm", "data.prepare"} <= set(modules)
+    assert {"config", "model.norms", "kernels.rmsnorm", "data.prepare", "hf.load", "export"} <= set(modules)
     problems = [p for name, source in modules.items() for p in wrong_arrows(name, source)]
     assert not problems, "imports against the layering:\n" + "\n".join(problems)
 
@@ -81,6 +85,13 @@ def test_the_code_keeps_its_layers():
     ("training.evaluation", "import train\n"),
     ("study.probe", "from analyze import main\n"),
     ("study.report", "def f():\n    from compare import load_comparison\n"),
+    ("training.checkpoint", "def f():\n    import hf\n"),
+    ("model.gpt", "from hf.load import load_pretrained\n"),
+    ("study.probe", "from hf import load_pretrained\n"),
+    ("hf.load", "from study.probe import probe\n"),
+    ("hf.export", "import export\n"),
+    ("model.layers", "import transformers\n"),
+    ("train", "def f():\n    from transformers import AutoModelForCausalLM\n"),
 ])
 def test_a_wrong_arrow_is_found(module, source):
     assert len(wrong_arrows(module, source)) == 1
@@ -88,7 +99,7 @@ def test_a_wrong_arrow_is_found(module, source):
 
 def test_only_checkpoint_py_spells_checkpoint_file_names():
     names = {checkpoint.WEIGHTS, checkpoint.STATE, checkpoint.META, checkpoint.MANIFEST}
-    for script in ("train.py", "compare.py", "sample.py", "analyze.py"):
+    for script in ("train.py", "compare.py", "sample.py", "analyze.py", "export.py"):
         strings = {node.value for node in ast.walk(ast.parse((ROOT / script).read_text()))
                    if isinstance(node, ast.Constant) and isinstance(node.value, str)}
         assert not strings & names, f"{script} spells {strings & names}: ask checkpoint.py instead"
