@@ -9,7 +9,10 @@ Backward, a few rows per program, with x_hat = s * rstd and dy_g = dy * g:
     dg = sum over rows of dy * x_hat                  (fp32 partial sum per program, reduced by the caller)
 
 Addresses are row * row_stride in int64, so tensors past 2^31 elements index correctly; within a
-row, column offsets stay below 65536 and int32 is enough.
+row, column offsets stay below 65536 and int32 is enough. A loop variable cannot carry that type:
+compiled, `for row in range(a, b)` takes the type of its bounds (int64 here), but the interpreter runs
+the loop with Python ints, which an int32 stride turns into an int32 product that wraps past 2^31.
+So each row index is cast to int64 inside the loop.
 """
 import triton
 import triton.language as tl
@@ -74,7 +77,7 @@ def rmsnorm_bwd_kernel(
     BLOCK_N: tl.constexpr, ONE_BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
-    row_start = pid * rows_per_program  # int64, and so is the loop's row index
+    row_start = pid * rows_per_program  # int64; the loop index is cast again (see the docstring)
     row_end = tl.minimum(row_start + rows_per_program, n_rows)
     cols = tl.arange(0, BLOCK_N)
     # each program owns row `pid` of DW_PARTIAL (fp32): no atomics, and one reduction at the end
@@ -85,6 +88,7 @@ def rmsnorm_bwd_kernel(
             w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
         dw = tl.zeros([BLOCK_N], dtype=tl.float32)
         for row in range(row_start, row_end):
+            row = tl.cast(row, tl.int64)  # see the docstring
             s = tl.load(S + row * stride_s + cols, mask=mask, other=0.0).to(tl.float32)
             dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
             rstd = tl.load(RSTD + row)
@@ -100,6 +104,7 @@ def rmsnorm_bwd_kernel(
             tl.store(DW_PARTIAL + cols, dw, mask=mask)
     else:  # wide rows: a pass for mean(dy_g * x_hat), a second for ds; dg partials live in memory
         for row in range(row_start, row_end):
+            row = tl.cast(row, tl.int64)  # see the docstring
             rstd = tl.load(RSTD + row)
             dot = tl.zeros([BLOCK_N], dtype=tl.float32)
             for start in range(0, N, BLOCK_N):

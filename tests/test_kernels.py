@@ -12,6 +12,7 @@ from config import Config, apply_overrides
 from kernels.rmsnorm import rms_norm
 from model.gpt import GPT
 from norm_checks import EPS, assert_close, dx_scale, rms_norm_fp64
+from repo import run_cli
 
 pytest.importorskip("triton")
 from kernels import rmsnorm_triton as K  # noqa: E402
@@ -124,8 +125,19 @@ def test_zero_rows_and_widest_rows():
         assert_close(g, r, torch.float32, "65536 wide")
 
 
+@pytest.mark.parametrize("case", ["forward", "backward", "add"])
+def test_offsets_past_2_pow_31(case):
+    """Rows that start past 2^31 elements: (3, 96) bf16 views with row stride 2^30 + 7 over one
+    lazily allocated storage (tests/big_offsets.py). In a child process, so that an access at a
+    wrapped offset fails this test instead of ending the whole run."""
+    done = run_cli("tests/big_offsets.py", case)
+    signal = f" (signal {-done.returncode})" if done.returncode < 0 else ""
+    assert done.returncode == 0 and done.stdout.strip() == "ok", \
+        f"{case}: exit {done.returncode}{signal}\n{done.stderr[-3000:]}"
+
+
 @pytest.mark.skipif(DEVICE != "cuda", reason="needs > 2^31 elements on a GPU")
-def test_offsets_past_2_pow_31():
+def test_whole_tensors_past_2_pow_31():
     n = 4096
     rows = 2 ** 31 // n + 2
     x = torch.randn(rows, n, device=DEVICE, dtype=torch.bfloat16)
