@@ -125,6 +125,7 @@ def test_zero_rows_and_widest_rows():
         assert_close(g, r, torch.float32, "65536 wide")
 
 
+@pytest.mark.slow  # a child process each: importing torch and triton takes seconds
 @pytest.mark.parametrize("case", ["forward", "backward", "add"])
 def test_offsets_past_2_pow_31(case):
     """Rows that start past 2^31 elements: (3, 96) bf16 views with row stride 2^30 + 7 over one
@@ -150,6 +151,44 @@ def test_whole_tensors_past_2_pow_31():
     xr = x[-2:].detach().requires_grad_()
     rms_norm(xr, w.detach(), EPS).backward(torch.ones_like(xr))
     torch.testing.assert_close(x.grad[-2:], xr.grad)
+
+
+@pytest.mark.parametrize("width", [7, 768, 8200])
+@pytest.mark.parametrize("backward", [False, True])
+def test_every_candidate_launch_matches_fp64(width, backward):
+    """Each launch the benchmark's sweep can choose (rows per program, warps, programs per SM)
+    splits the work differently and computes the same function; with gain and residual."""
+    torch.manual_seed(width)
+    dtype, shape = torch.bfloat16, (3, 5, width)
+    x = make_input(shape, dtype, "row_slice", scale=2.0)
+    res, dy, dres = (make_input(shape, dtype, "contiguous") for _ in range(3))
+    w = (torch.randn(width) * 0.5 + 1).to(DEVICE, dtype)
+    if backward:  # x is the saved sum s; rstd as the forward stores it (fp32, one per row)
+        rstd = torch.rsqrt(x.float().pow(2).mean(-1) + EPS).reshape(-1)
+        sr, wr = x.double().requires_grad_(), w.double().requires_grad_()
+        ref = torch.autograd.grad(rms_norm_fp64(sr, wr), (sr, wr), dy.double())
+        want_ds = ref[0] + dres.double()
+    else:
+        exact = x.double() + res.double()
+        want_y = rms_norm_fp64(exact.to(dtype), w)
+    for config in K.candidate_configs(width, backward):
+        if backward:
+            ds, dw = K.run_backward(dy, x, w, rstd, dres, config)
+            assert_close(ds, want_ds, dtype, f"ds, {config}", scale=dx_scale(x, w, dy) + dres.abs().max())
+            assert_close(dw, ref[1], dtype, f"dg, {config}")
+        else:
+            y, s, _ = K.run_forward(x, res, w, EPS, config)
+            assert_close(s, exact, dtype, f"s, {config}")
+            assert_close(y, want_y, dtype, f"y, {config}")
+
+
+def test_candidate_launches_surround_the_heuristic():
+    for width in (7, 768, 4096, 8200):
+        for backward in (False, True):
+            configs = K.candidate_configs(width, backward)
+            assert configs[0] == K.launch_config(width, backward) and len(set(configs)) == len(configs) >= 3
+    assert K.launch_config(768, False).block_m > 1  # narrow rows: several per program
+    assert K.launch_config(8200, True).block_m == 1  # wide rows: one at a time, in chunks
 
 
 def tiny_gpt_config(**overrides):
