@@ -277,6 +277,7 @@ def test_gpt_with_fused_add_norm_compiles_as_one_graph():
     (lambda: (torch.randn(2, 16), torch.ones(32)), r"weight shape \(32,\) must be \(16,\)"),  # was silently cut
     (lambda: (torch.ones(2, 16, dtype=torch.int32), None), "x must be a floating-point tensor"),  # gave integers
     (lambda: (torch.randn(2, 16), torch.ones(16, device="meta")), "weight is on meta but x is on"),
+    (lambda: (torch.randn(3, 0), None), r"x must have at least one feature, got shape \(3, 0\)"),  # was a reshape error
 ])
 def test_bad_inputs_are_refused_in_one_line(op, make, message):
     x, w = make()
