@@ -14,7 +14,7 @@ kernels share; the launch parameters are chosen in rmsnorm_triton.py):
   so that every thread still moves a few 16-byte vectors and a program is worth its launch.
 - A row of up to BLOCK_N (ONE_BLOCK) stays in registers between the passes: the forward reads x once
   for the statistics and the output, the backward reads s and dy once for mean(dy_g * x_hat) and ds.
-  Wider rows go one row at a time in BLOCK_N chunks, the second pass mostly from L2.
+  Wider rows go in BLOCK_N chunks, one row per tile, the second pass mostly from L2.
 - The backward's grid is a few programs per SM (persistent): each program strides over the tiles
   and keeps its partial dg in fp32, written once to its own row of DW_PARTIAL, which the caller
   sums. No atomics, so dg is the same from run to run.
