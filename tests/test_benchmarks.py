@@ -9,8 +9,8 @@ from repo import run_cli
 pytestmark = pytest.mark.slow  # every test here trains or starts subprocesses
 
 
-def run_benchmark(*args):
-    done = run_cli(*args)
+def run_benchmark(*args, env_overrides=None):
+    done = run_cli(*args, env_overrides=env_overrides)
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout
 
@@ -47,3 +47,16 @@ def test_bench_trainer_times_both_steps(tmp_path, shared_cache):
     rows = json.loads((tmp_path / "trainer.json").read_text())
     assert [row["step"] for row in rows] == ["current", "synced"] and all(row["ms_per_step"] > 0 for row in rows)
     assert "| current |" in out and "| synced |" in out
+
+
+def test_bench_norms_tune_times_every_candidate_launch(tmp_path):
+    out = run_benchmark("benchmarks/bench_norms.py", "--smoke", "--tune", "--json", str(tmp_path / "launches.json"),
+                        env_overrides={"TRITON_INTERPRET": "1", "NORMGPT_CPU_KERNEL": "0"})
+    rows = json.loads((tmp_path / "launches.json").read_text())
+    timed = [r for r in rows if r["part"] == "launch"]
+    winners = [r for r in rows if r["part"] == "winner"]
+    assert {r["kernel"] for r in winners} == {"fwd", "bwd", "add fwd", "add bwd"}
+    for w in winners:  # the winner is the fastest of its kernel's candidates, and the heuristic was timed too
+        mine = [r for r in timed if r["kernel"] == w["kernel"]]
+        assert w["ms"] == min(r["ms"] for r in mine) and sum(r["heuristic"] for r in mine) == 1
+    assert "| fwd | 64x96 |" in out and "(heuristic)" in out
