@@ -30,12 +30,6 @@ import triton.language as tl
 
 
 @triton.jit
-def _rstd(sum_sq, N, eps):
-    # fp32 even when the caller passes eps as fp64 (Inductor does): rstd then multiplies whole tiles
-    return (1.0 / tl.sqrt(sum_sq / N + eps)).to(tl.float32)
-
-
-@triton.jit
 def rmsnorm_fwd_kernel(
     X, RES, S, Y, W, RSTD,  # S: the new residual x + RES (only written with HAS_RESIDUAL)
     stride_x, stride_res, stride_s, stride_y, n_rows, N, eps,
@@ -55,7 +49,8 @@ def rmsnorm_fwd_kernel(
             # normalize the sum as stored (rounded to its dtype), exactly as the unfused
             # "x = x + f(x); norm(x)" does
             s = s.to(S.dtype.element_ty).to(tl.float32)
-        rstd = _rstd(tl.sum(s * s, axis=1), N, eps)
+        # fp32 even when eps comes as fp64 (Inductor passes it so): rstd multiplies whole tiles
+        rstd = (1.0 / tl.sqrt(tl.sum(s * s, axis=1) / N + eps)).to(tl.float32)
         y = s * rstd[:, None]
         if HAS_WEIGHT:
             y = y * tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32)
@@ -70,7 +65,7 @@ def rmsnorm_fwd_kernel(
                 tl.store(S + r * stride_s + start + cols, s.to(S.dtype.element_ty), mask=mask)
                 s = s.to(S.dtype.element_ty).to(tl.float32)
             sum_sq += s * s
-        rstd = _rstd(tl.sum(sum_sq, axis=1), N, eps)
+        rstd = (1.0 / tl.sqrt(tl.sum(sum_sq, axis=1) / N + eps)).to(tl.float32)  # fp32: as above
         for start in range(0, N, BLOCK_N):
             mask = row_ok[:, None] & (start + cols < N)
             if HAS_RESIDUAL:  # each thread re-reads what it stored itself: no barrier needed
