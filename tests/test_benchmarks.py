@@ -106,3 +106,12 @@ def test_gpu_check_dry_run_writes_every_table(tmp_path, shared_cache):
     compiled = json.loads((out / "bench_train_step_compiled.json").read_text())
     assert [r["norm"] for r in compiled] == ["triton_rmsnorm+fused_add", "triton_rmsnorm", "rmsnorm", "layernorm", "none"]
     assert [r["step"] for r in json.loads((out / "bench_trainer.json").read_text())] == ["current", "synced"]
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU")
+def test_gpu_check_without_a_gpu_stops_in_one_line(tmp_path):
+    done = subprocess.run(["bash", "benchmarks/gpu_check.sh", str(tmp_path)], cwd=ROOT, text=True, capture_output=True,
+                          timeout=300, env={**os.environ, "PYTHON": sys.executable})
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert (tmp_path / "summary.md").read_text().splitlines()[-1].startswith("check_machine: torch ")
+    assert "sees no CUDA device" in done.stderr and sorted(p.name for p in tmp_path.iterdir()) == ["log.txt", "summary.md"]
