@@ -141,13 +141,15 @@ def launch_config(n: int, backward: bool) -> LaunchConfig:
     """The launch for rows of width n, before any GPU has measured it: ~32 fp32 values per thread
     per array in the forward (x, y), ~16 in the backward, which holds s, dy, ds and its dg partial
     at once (QuACK keeps 24-64 per thread); tiles of 4096 (forward) and 2048 (backward) elements for
-    narrow rows; 32 warps per SM in the backward's persistent grid. benchmarks/bench_norms.py --tune
-    times these against candidate_configs() and records the winner at each shape."""
+    narrow rows. The backward's persistent grid has 16 warps per SM, so that all its programs are
+    resident at once even at 128 registers per thread: a persistent grid larger than what fits runs
+    in two waves, the second starting late. benchmarks/bench_norms.py --tune times these against
+    candidate_configs() and records the winner at each shape."""
     block_n = _block_n(n)
     per_thread, tile = (16, 2048) if backward else (32, 4096)
     block_m = 1 if n > MAX_ONE_BLOCK else min(max(tile // block_n, 1), 64)
     num_warps = min(max(block_m * block_n // (32 * per_thread), 1), 16)
-    return LaunchConfig(block_m, num_warps, max(1, 32 // num_warps) if backward else 0)
+    return LaunchConfig(block_m, num_warps, max(1, 16 // num_warps) if backward else 0)
 
 
 def candidate_configs(n: int, backward: bool) -> list[LaunchConfig]:
