@@ -6,7 +6,13 @@ of copy bandwidth, counting the fewest bytes the op must move: forward reads x a
 of the tensor), forward+backward also reads x and dy and writes dx (5); with the residual add, 4 and 8.
 
     python benchmarks/bench_norms.py [--json results.json]
+    python benchmarks/bench_norms.py --tune [--json launches.json]
     python benchmarks/bench_norms.py --cpu [--shape 8192x768] [--json results.json]
+
+--tune times each of our kernels alone (forward, backward, with and without the residual add) with
+every candidate launch of kernels/rmsnorm_triton.py (rows per program, warps, backward programs per SM)
+and names the fastest at each shape beside the launch the heuristic picks. --smoke runs either on CPU
+tensors at 64x96 under Triton's interpreter (TRITON_INTERPRET=1): it checks the script, not the speed.
 
 --cpu times every norm of the registry (model/norms.py), fp32, forward and forward+backward, rounds
 interleaved so that a busy machine slows all of them alike; medians with their min-max. rmsnorm runs
@@ -34,7 +40,7 @@ EPS = 1e-5
 GPU_SHAPES = [(16384, 768), (8192, 4096), (4096, 8192)]
 
 
-def gpu_implementations(d, dtype, device):
+def gpu_implementations(d, dtype, device, backend="inductor"):
     """name -> (kind, fn) with kind "norm" (fn(x)) or "add" (fn(x, residual) -> (y, new residual))."""
     from kernels.rmsnorm import rms_norm
     from kernels.rmsnorm_triton import triton_add_rms_norm, triton_rms_norm
@@ -50,10 +56,10 @@ def gpu_implementations(d, dtype, device):
         "ours rmsnorm (ATen Function)": ("norm", lambda x: rms_norm(x, w, EPS)),
         "torch F.rms_norm": ("norm", lambda x: F.rms_norm(x, (d,), w, EPS)),
         "torch F.layer_norm": ("norm", lambda x: F.layer_norm(x, (d,), w, b, EPS)),
-        "compiled F.rms_norm": ("norm", torch.compile(lambda x: F.rms_norm(x, (d,), w, EPS))),
+        "compiled F.rms_norm": ("norm", torch.compile(lambda x: F.rms_norm(x, (d,), w, EPS), backend=backend)),
         "ours add+rmsnorm": ("add", lambda x, r: triton_add_rms_norm(x, r, w, EPS)),
         "torch add+F.rms_norm": ("add", add_then_rms_norm),
-        "compiled add+F.rms_norm": ("add", torch.compile(add_then_rms_norm)),
+        "compiled add+F.rms_norm": ("add", torch.compile(add_then_rms_norm, backend=backend)),
     }
     try:
         from liger_kernel.transformers.rms_norm import LigerRMSNorm
@@ -70,14 +76,14 @@ def gpu_implementations(d, dtype, device):
     return impls
 
 
-def bench(fn, grad_to_none=None, smoke=False):
+def bench(fn, grad_to_none=None, smoke=False, rep=100):
     """Median ms of fn: triton.testing.do_bench on the GPU; with --smoke one timed call."""
     if smoke:
         start = time.perf_counter()
         fn()
         return (time.perf_counter() - start) * 1e3
     from triton.testing import do_bench
-    return do_bench(fn, grad_to_none=grad_to_none, return_mode="median")
+    return do_bench(fn, grad_to_none=grad_to_none, warmup=max(rep // 4, 5), rep=rep, return_mode="median")
 
 
 def copy_bandwidth(device, smoke):
@@ -88,43 +94,120 @@ def copy_bandwidth(device, smoke):
     return 2 * src.numel() * src.element_size() / (ms * 1e-3) / 1e9
 
 
+def budget_spent(args, began):
+    return bool(args.max_seconds) and time.perf_counter() - began > args.max_seconds
+
+
 def run_gpu(args):
     # --smoke: the same code on CPU tensors at a tiny shape (Triton's interpreter), to check the
     # script itself where there is no GPU; its timings mean nothing
+    began = time.perf_counter()
     device, shapes = ("cpu", [(64, 96)]) if args.smoke else ("cuda", GPU_SHAPES)
-    dtype = torch.bfloat16
     copy_gbps = copy_bandwidth(device, args.smoke)
     device_name = "CPU (smoke run)" if args.smoke else torch.cuda.get_device_name()
-    print(f"# {device_name} | torch {torch.__version__} | copy bandwidth {copy_gbps:,.0f} GB/s\n")
+    print(f"# {device_name} | torch {torch.__version__} | copy bandwidth {copy_gbps:,.0f} GB/s (bytes read + written)")
     rows = [{"part": "copy", "GBps": copy_gbps, "device": device_name}]
+
+    def record(row):  # the JSON is rewritten after every figure: a run cut short keeps what it measured
+        rows.append(row)
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
+    (tune if args.tune else compare)(args, device, shapes, copy_gbps, record, began)
+
+
+def compare(args, device, shapes, copy_gbps, record, began):
+    """Every implementation at every shape; the compiled baselines last (each compiles per shape,
+    the slow part), so that a run cut short by --max-seconds loses those first."""
+    from kernels.rmsnorm_triton import launch_config
+    dtype = torch.bfloat16
+    print("# bf16, inputs that require grad (the forward of a training step); % copy = the fewest bytes the op "
+          "moves (fwd 2 passes of the tensor, fwd+bwd 5; with the residual add 4 and 8) per second, over the "
+          "copy bandwidth above\n")
     print("| shape | implementation | fwd ms | fwd % copy | fwd+bwd ms | fwd+bwd % copy |\n|---|---|---|---|---|---|")
-    for n, d in shapes:
-        for name, (kind, fn) in gpu_implementations(d, dtype, device).items():
-            x = torch.randn(n, d, device=device, dtype=dtype, requires_grad=True)
-            r = torch.randn(n, d, device=device, dtype=dtype, requires_grad=True)
-            dy = torch.randn(n, d, device=device, dtype=dtype)
-            inputs = (x,) if kind == "norm" else (x, r)
-            passes = (2, 5) if kind == "norm" else (4, 8)
+    impls = {d: gpu_implementations(d, dtype, device, args.backend) for _, d in shapes}
+    for compiled in (False, True):
+        for n, d in shapes:
+            for name, (kind, fn) in impls[d].items():
+                if name.startswith("compiled") != compiled:
+                    continue
+                if budget_spent(args, began):
+                    print(f"| {n}x{d} | {name} | not run: --max-seconds {args.max_seconds:g} spent | | | |")
+                    continue
+                row = time_norm(args, fn, kind, n, d, dtype, device, copy_gbps, name)
+                if row and name.startswith("ours"):
+                    row["launch"] = {"fwd": str(launch_config(d, False)), "bwd": str(launch_config(d, True))}
+                if row:
+                    record(row)
 
-            def fwd():
-                return fn(*inputs)
 
-            def fwd_bwd():  # with the residual add, a gradient arrives on the new residual too
-                out = fn(*inputs)
-                torch.autograd.backward(out, (dy, dy) if kind == "add" else dy)
-            try:
-                with torch.no_grad():
-                    fwd_ms = bench(fwd, smoke=args.smoke)
-                bwd_ms = bench(fwd_bwd, grad_to_none=list(inputs), smoke=args.smoke)
-            except Exception as e:  # one failing baseline must not lose the other numbers
-                print(f"| {n}x{d} | {name} | failed: {type(e).__name__}: {e} | | | |")
-                continue
-            nbytes = n * d * x.element_size()
-            frac = [p * nbytes / (ms * 1e-3) / 1e9 / copy_gbps for p, ms in zip(passes, (fwd_ms, bwd_ms))]
-            print(f"| {n}x{d} | {name} | {fwd_ms:.4f} | {frac[0]:.0%} | {bwd_ms:.4f} | {frac[1]:.0%} |")
-            rows.append({"part": "norm", "shape": [n, d], "impl": name, "fwd_ms": fwd_ms, "fwdbwd_ms": bwd_ms,
-                         "fwd_frac": frac[0], "fwdbwd_frac": frac[1]})
-    return rows
+def time_norm(args, fn, kind, n, d, dtype, device, copy_gbps, name):
+    x = torch.randn(n, d, device=device, dtype=dtype, requires_grad=True)
+    r = torch.randn(n, d, device=device, dtype=dtype, requires_grad=True)
+    dy = torch.randn(n, d, device=device, dtype=dtype)
+    inputs = (x,) if kind == "norm" else (x, r)
+    passes = (2, 5) if kind == "norm" else (4, 8)
+
+    def fwd_bwd():  # with the residual add, a gradient arrives on the new residual too
+        out = fn(*inputs)
+        torch.autograd.backward(out, (dy, dy) if kind == "add" else dy)
+    try:
+        fwd_ms = bench(lambda: fn(*inputs), smoke=args.smoke)
+        bwd_ms = bench(fwd_bwd, grad_to_none=list(inputs), smoke=args.smoke)
+    except Exception as e:  # one failing baseline must not lose the other numbers
+        print(f"| {n}x{d} | {name} | failed: {type(e).__name__}: {str(e).splitlines()[0][:200]} | | | |")
+        return None
+    nbytes = n * d * x.element_size()
+    frac = [p * nbytes / (ms * 1e-3) / 1e9 / copy_gbps for p, ms in zip(passes, (fwd_ms, bwd_ms))]
+    print(f"| {n}x{d} | {name} | {fwd_ms:.4f} | {frac[0]:.0%} | {bwd_ms:.4f} | {frac[1]:.0%} |", flush=True)
+    return {"part": "norm", "shape": [n, d], "impl": name, "fwd_ms": fwd_ms, "fwdbwd_ms": bwd_ms,
+            "fwd_frac": frac[0], "fwdbwd_frac": frac[1]}
+
+
+# kernel -> (passes of the tensor it must move at least, backward?, residual?): forward reads x and
+# writes y, + reads the residual and writes the sum; backward reads s and dy and writes ds, + reads dres
+KERNELS = {"fwd": (2, False, False), "bwd": (3, True, False), "add fwd": (4, False, True), "add bwd": (4, True, True)}
+
+
+def tune(args, device, shapes, copy_gbps, record, began):
+    """Each kernel alone at each shape, with every launch of candidate_configs(); the fastest wins."""
+    from kernels import rmsnorm_triton as K
+    dtype = torch.bfloat16
+    print("# bf16, each kernel alone (the backward with its dg reduction); % copy counts the fewest bytes it moves: "
+          + ", ".join(f"{k} {p} passes" for k, (p, _, _) in KERNELS.items()) + "\n")
+    print("| kernel | shape | launch | ms | % copy |\n|---|---|---|---|---|")
+    winners = []
+    for kernel, (passes, backward, residual) in KERNELS.items():
+        for n, d in shapes:
+            x, r, dy, dres = (torch.randn(n, d, device=device, dtype=dtype) for _ in range(4))
+            w = torch.randn(d, device=device, dtype=dtype) * 0.5 + 1
+            rstd = K.run_forward(x, None, w, EPS)[2]
+
+            def run(config):
+                if backward:
+                    return K.run_backward(dy, x, w, rstd, dres if residual else None, config)
+                return K.run_forward(x, r if residual else None, w, EPS, config)
+            timed = []
+            for config in K.candidate_configs(d, backward):
+                if budget_spent(args, began):
+                    print(f"| {kernel} | {n}x{d} | {config}: not run, --max-seconds {args.max_seconds:g} spent | | |")
+                    break
+                ms = bench(lambda: run(config), smoke=args.smoke, rep=40)
+                frac = passes * n * d * x.element_size() / (ms * 1e-3) / 1e9 / copy_gbps
+                heuristic = config == K.launch_config(d, backward)
+                print(f"| {kernel} | {n}x{d} | {config}{' (heuristic)' if heuristic else ''} | {ms:.4f} | {frac:.0%} |",
+                      flush=True)
+                timed.append((ms, frac, config, heuristic))
+                record({"part": "launch", "kernel": kernel, "shape": [n, d], "launch": str(config),
+                        "config": config._asdict(), "heuristic": heuristic, "ms": ms, "frac": frac})
+            if timed:
+                winners.append((kernel, n, d, min(timed), next((t for t in timed if t[3]), None)))
+    print("\nWinners: the fastest launch at each shape, beside the heuristic's choice\n")
+    print("| kernel | shape | winner | ms | % copy | heuristic ms | heuristic % copy |\n|---|---|---|---|---|---|---|")
+    for kernel, n, d, (ms, frac, config, _), heur in winners:
+        h = f"{heur[0]:.4f} | {heur[1]:.0%}" if heur else "| "
+        print(f"| {kernel} | {n}x{d} | {config} | {ms:.4f} | {frac:.0%} | {h} |")
+        record({"part": "winner", "kernel": kernel, "shape": [n, d], "launch": str(config), "config": config._asdict(),
+                "ms": ms, "frac": frac, "heuristic_ms": heur[0] if heur else None})
 
 
 def cpu_model():
@@ -201,16 +284,23 @@ def main():
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads for --cpu (0: torch's default)")
     parser.add_argument("--smoke", action="store_true", help="run the GPU code path on CPU at a tiny shape "
                         "(with TRITON_INTERPRET=1): checks the script, not the speed")
-    parser.add_argument("--json", help="also write the measurements to this JSON file")
+    parser.add_argument("--tune", action="store_true", help="time each of our kernels with every candidate "
+                        "launch (kernels/rmsnorm_triton.py: candidate_configs) and name the winner at each shape")
+    parser.add_argument("--backend", default="inductor", help="torch.compile backend of the compiled baselines")
+    parser.add_argument("--max-seconds", type=float, default=0, help="start no measurement past this (0: no limit)")
+    parser.add_argument("--json", help="also write the measurements to this JSON file (rewritten as they come)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if not args.cpu and not args.smoke and not torch.cuda.is_available():
         sys.exit("no CUDA device: run with --cpu for the CPU comparison")
     print(f"command: python {' '.join(sys.argv)}")
-    rows = run_cpu(args) if args.cpu else run_gpu(args)
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
+    if args.cpu:
+        rows = run_cpu(args)
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
+    else:
+        run_gpu(args)
 
 
 if __name__ == "__main__":

@@ -69,7 +69,9 @@ def main():
     parser.add_argument("--config", help="model config to time (default configs/gpt2_124m.toml)")
     parser.add_argument("--batch", type=int, help="sequences per step (default 16; 4 with --tiny)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--max-seconds", type=float, default=0, help="stop adding rounds past this (0: no limit)")
+    parser.add_argument("--max-seconds", type=float, default=0, help="time budget (0: no limit): no variant "
+                        "starts its warm-up past 3/4 of it (the rest are left out), no round starts past it")
+    parser.add_argument("--backend", default="inductor", help="torch.compile backend for --modes compiled")
     parser.add_argument("--json", help="also write the measurements to this JSON file")
     args = parser.parse_args()
     unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
@@ -90,16 +92,23 @@ def main():
         if "eager" in args.modes:
             runs[name, "eager"] = wrap(make_step(model, optimizer, device))
         if "compiled" in args.modes:
-            runs[name, "compiled"] = wrap(make_step(torch.compile(model), optimizer, device))
+            runs[name, "compiled"] = wrap(make_step(torch.compile(model, backend=args.backend), optimizer, device))
     tokens = torch.randint(0, config.vocab_size, (batch, config.block_size + 1), device=device)
     x, y = tokens[:, :-1], tokens[:, 1:]
 
-    for key, step in runs.items():
+    for key in list(runs):  # in the order given: the most wanted first, if the budget runs short
+        if args.max_seconds and time.perf_counter() - began > 0.75 * args.max_seconds:
+            print(f"time budget: {key[0]} {key[1]} left out (no warm-up started past 3/4 of --max-seconds)",
+                  file=sys.stderr)
+            del runs[key]
+            continue
         start = time.perf_counter()
         for _ in range(args.warmup):
-            step(x, y)
+            runs[key](x, y)
         sync(device)
-        print(f"warm-up {key[0]} {key[1]}: {time.perf_counter() - start:.1f}s", file=sys.stderr)
+        print(f"warm-up {key[0]} {key[1]}: {time.perf_counter() - start:.1f}s", file=sys.stderr, flush=True)
+    if not runs:
+        sys.exit("time budget spent before the first warm-up: nothing measured")
     ms = {key: [] for key in runs}
     for round_index in range(args.rounds):
         if round_index and args.max_seconds and time.perf_counter() - began > args.max_seconds:
@@ -115,6 +124,7 @@ def main():
                 step(x, y)
             sync(device)
             ms[key].append((time.perf_counter() - start) / args.steps * 1e3)
+            print(f"round {round_index + 1} {key[0]} {key[1]}: {ms[key][-1]:.2f} ms/step", file=sys.stderr, flush=True)
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"command: python {' '.join(sys.argv)}")

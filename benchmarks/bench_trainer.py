@@ -22,6 +22,7 @@ import random
 import statistics
 import sys
 import tempfile
+import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -78,6 +79,7 @@ def main():
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="config override, e.g. --set grad_accum=1 --set compile=false")
+    parser.add_argument("--max-seconds", type=float, default=0, help="start no run past this (0: no limit)")
     parser.add_argument("--json", help="also write the measurements to this JSON file")
     args = parser.parse_args()
     names = args.variants.split(",")
@@ -86,6 +88,7 @@ def main():
         parser.error(f"unknown variant(s) {', '.join(unknown)}; valid: {', '.join(VARIANTS)}")
     if args.steps < 3 * args.log_interval:
         parser.error(f"--steps must be at least 3 x --log-interval ({3 * args.log_interval}): the first interval is dropped")
+    began = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="bench_trainer_"))
     base = load_config(args.config, [f"--{item}" for item in args.set] + [
         f"--max_steps={args.steps}", f"--log_interval={args.log_interval}", f"--eval_interval={args.steps}",
@@ -97,6 +100,9 @@ def main():
         order = list(names)
         random.Random(round_index).shuffle(order)
         for name in order:
+            if args.max_seconds and time.perf_counter() - began > args.max_seconds:
+                print(f"time budget spent: round {round_index + 1} {name} not run", file=sys.stderr)
+                continue
             config = dataclasses.replace(base, out_dir=str(work / f"{name}{round_index}"))
             with VARIANTS[name]():
                 ms[name].append(time_one_run(config))
@@ -111,6 +117,7 @@ def main():
           f"variants in a new random order each round (min-max)\n")
     print("| step | ms/step | tokens/s | vs synced |\n|---|---|---|---|")
     rows = []
+    ms = {name: times for name, times in ms.items() if times}
     for name, times in ms.items():
         med = statistics.median(times)
         rel = f"{med / statistics.median(ms['synced']) - 1:+.1%}" if "synced" in ms else ""

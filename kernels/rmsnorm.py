@@ -25,6 +25,8 @@ def check_inputs(op, x, weight, residual=None):
         raise ValueError(f"{op}: x must be a floating-point tensor, got {x.dtype}")
     if x.dim() == 0:
         raise ValueError(f"{op}: x must have a feature dimension, got a 0-dim tensor")
+    if x.shape[-1] == 0:
+        raise ValueError(f"{op}: x must have at least one feature, got shape {tuple(x.shape)}")
     if weight is not None:
         if not weight.is_floating_point():
             raise ValueError(f"{op}: weight must be a floating-point tensor, got {weight.dtype}")

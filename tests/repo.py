@@ -2,6 +2,7 @@
 small configs they train or prepare data with, comparison files, and comparing two runs' logs.
 (The norm tests' fp64 references and tolerances are in norm_checks.py.)"""
 import json
+import os
 import subprocess
 import sys
 import time
@@ -13,9 +14,10 @@ ROOT = Path(__file__).resolve().parent.parent
 TIME_FIELDS = ("elapsed_s", "tokens_per_s")  # wall-clock: the only metrics allowed to differ between runs
 
 
-def run_cli(*args, timeout=300):
-    """`python *args` in the repository root, output captured as text."""
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+def run_cli(*args, timeout=300, env_overrides=None):
+    """`python *args` in the repository root, output captured as text; env_overrides on top of os.environ."""
+    env = {**os.environ, **env_overrides} if env_overrides else None
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def tiny_run_config(out_dir, cache_dir, **overrides):

@@ -152,7 +152,8 @@ def test_sample_on_cuda_without_a_gpu_is_one_line(finished_run, capsys, monkeypa
 
 @pytest.mark.slow
 @pytest.mark.parametrize("script", [["compare.py"], ["sample.py"], ["-m", "data.prepare"],
-                                    ["benchmarks/bench_trainer.py"], ["benchmarks/bench_train_step.py"]])
+                                    ["benchmarks/bench_trainer.py"], ["benchmarks/bench_train_step.py"],
+                                    ["benchmarks/bench_norms.py"], ["benchmarks/check_machine.py"]])
 def test_help_prints_usage(script):
     """--help runs each option's help text through %-formatting: a bare % in one would break it."""
     done = run_cli(*script, "--help", timeout=120)

@@ -1,16 +1,19 @@
 """The benchmarks run end to end at tiny sizes (their numbers are not checked, only that every
 variant produced one): a benchmark that has rotted is found here, not on a lent GPU."""
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
-from repo import run_cli
+from repo import ROOT, run_cli
 
 pytestmark = pytest.mark.slow  # every test here trains or starts subprocesses
 
 
-def run_benchmark(*args):
-    done = run_cli(*args)
+def run_benchmark(*args, env_overrides=None):
+    done = run_cli(*args, env_overrides=env_overrides)
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout
 
@@ -47,3 +50,68 @@ def test_bench_trainer_times_both_steps(tmp_path, shared_cache):
     rows = json.loads((tmp_path / "trainer.json").read_text())
     assert [row["step"] for row in rows] == ["current", "synced"] and all(row["ms_per_step"] > 0 for row in rows)
     assert "| current |" in out and "| synced |" in out
+
+
+def test_bench_norms_tune_times_every_candidate_launch(tmp_path):
+    out = run_benchmark("benchmarks/bench_norms.py", "--smoke", "--tune", "--json", str(tmp_path / "launches.json"),
+                        env_overrides={"TRITON_INTERPRET": "1", "NORMGPT_CPU_KERNEL": "0"})
+    rows = json.loads((tmp_path / "launches.json").read_text())
+    timed = [r for r in rows if r["part"] == "launch"]
+    winners = [r for r in rows if r["part"] == "winner"]
+    assert {r["kernel"] for r in winners} == {"fwd", "bwd", "add fwd", "add bwd"}
+    for w in winners:  # the winner is the fastest of its kernel's candidates, and the heuristic was timed too
+        mine = [r for r in timed if r["kernel"] == w["kernel"]]
+        assert w["ms"] == min(r["ms"] for r in mine) and sum(r["heuristic"] for r in mine) == 1
+    assert "| fwd | 64x96 |" in out and "(heuristic)" in out
+
+
+def test_check_machine_names_a_missing_package_in_one_line():
+    code = ("import runpy, sys; sys.modules['scipy'] = None; sys.argv = ['check_machine.py', '--dry-run']; "
+            "runpy.run_path('benchmarks/check_machine.py', run_name='__main__')")
+    done = run_cli("-c", code, env_overrides={"TRITON_INTERPRET": "1"})
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "check_machine: missing on this machine: scipy (needed by the check; bring them along as wheels)"]
+
+
+def test_check_machine_imports_the_check_without_datasets(tmp_path):
+    """A module that needs `datasets` at import time is caught before a GPU is spent on it."""
+    (tmp_path / "needs_datasets.py").write_text("import datasets\n")
+    code = (f"import sys; sys.path.insert(0, {str(tmp_path)!r}); sys.path.insert(0, 'benchmarks'); "
+            "sys.argv = ['check_machine.py', '--dry-run']; import check_machine; "
+            "check_machine.CHECK_MODULES.insert(0, 'needs_datasets'); check_machine.main()")
+    done = run_cli("-c", code, env_overrides={"TRITON_INTERPRET": "1"})
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert "importing needs_datasets failed without datasets and liger_kernel" in done.stderr
+
+
+def test_gpu_check_dry_run_writes_every_table(tmp_path, shared_cache):
+    """benchmarks/gpu_check.sh --dry-run: every step of the GPU check on this CPU at toy shapes."""
+    out = tmp_path / "check"
+    done = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--dry-run", str(out)], cwd=ROOT, text=True,
+                          capture_output=True, timeout=1800,
+                          env={**os.environ, "PYTHON": sys.executable, "CHECK_CACHE_DIR": shared_cache})
+    assert done.returncode == 0, (done.stderr[-3000:], (out / "log.txt").read_text()[-3000:])
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["bench_launches.json", "bench_norms.json", "bench_train_step_compiled.json",
+                     "bench_train_step_eager.json", "bench_trainer.json", "log.txt", "summary.md"]
+    summary = (out / "summary.md").read_text()
+    for step in ("tests", "bench_norms", "bench_launches", "step_eager", "step_compiled", "trainer"):
+        assert f"_{step}: exit 0 after" in summary, step
+    assert "dry run: CPU only" in summary and "passed" in summary
+    norms = json.loads((out / "bench_norms.json").read_text())
+    assert norms[0]["part"] == "copy" and all("fwdbwd_frac" in r for r in norms[1:]) and len(norms) > 5
+    launches = json.loads((out / "bench_launches.json").read_text())
+    assert len([r for r in launches if r["part"] == "winner"]) == 4
+    compiled = json.loads((out / "bench_train_step_compiled.json").read_text())
+    assert [r["norm"] for r in compiled] == ["triton_rmsnorm+fused_add", "triton_rmsnorm", "rmsnorm", "layernorm", "none"]
+    assert [r["step"] for r in json.loads((out / "bench_trainer.json").read_text())] == ["current", "synced"]
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU")
+def test_gpu_check_without_a_gpu_stops_in_one_line(tmp_path):
+    done = subprocess.run(["bash", "benchmarks/gpu_check.sh", str(tmp_path)], cwd=ROOT, text=True, capture_output=True,
+                          timeout=300, env={**os.environ, "PYTHON": sys.executable})
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert (tmp_path / "summary.md").read_text().splitlines()[-1].startswith("check_machine: torch ")
+    assert "sees no CUDA device" in done.stderr and sorted(p.name for p in tmp_path.iterdir()) == ["log.txt", "summary.md"]

@@ -11,6 +11,7 @@ import torch
 from kernels.rmsnorm import rms_norm
 from model.gpt import GPT
 from norm_checks import EPS, assert_close, dx_scale, rms_norm_fp64
+from repo import run_cli
 
 pytest.importorskip("triton")
 from kernels import rmsnorm_triton as K  # noqa: E402
@@ -122,8 +123,20 @@ def test_zero_rows_and_widest_rows():
         assert_close(g, r, torch.float32, "65536 wide")
 
 
+@pytest.mark.slow  # a child process each: importing torch and triton takes seconds
+@pytest.mark.parametrize("case", ["forward", "backward", "add"])
+def test_offsets_past_2_pow_31(case):
+    """Rows that start past 2^31 elements: (3, 96) bf16 views with row stride 2^30 + 7 over one
+    lazily allocated storage (tests/big_offsets.py). In a child process, so that an access at a
+    wrapped offset fails this test instead of ending the whole run."""
+    done = run_cli("tests/big_offsets.py", case)
+    signal = f" (signal {-done.returncode})" if done.returncode < 0 else ""
+    assert done.returncode == 0 and done.stdout.strip() == "ok", \
+        f"{case}: exit {done.returncode}{signal}\n{done.stderr[-3000:]}"
+
+
 @pytest.mark.skipif(DEVICE != "cuda", reason="needs > 2^31 elements on a GPU")
-def test_offsets_past_2_pow_31():
+def test_whole_tensors_past_2_pow_31():
     n = 4096
     rows = 2 ** 31 // n + 2
     x = torch.randn(rows, n, device=DEVICE, dtype=torch.bfloat16)
@@ -136,6 +149,44 @@ def test_offsets_past_2_pow_31():
     xr = x[-2:].detach().requires_grad_()
     rms_norm(xr, w.detach(), EPS).backward(torch.ones_like(xr))
     torch.testing.assert_close(x.grad[-2:], xr.grad)
+
+
+@pytest.mark.parametrize("width", [7, 768, 8200])
+@pytest.mark.parametrize("backward", [False, True])
+def test_every_candidate_launch_matches_fp64(width, backward):
+    """Each launch the benchmark's sweep can choose (rows per program, warps, programs per SM)
+    splits the work differently and computes the same function; with gain and residual."""
+    torch.manual_seed(width)
+    dtype, shape = torch.bfloat16, (3, 5, width)
+    x = make_input(shape, dtype, "row_slice", scale=2.0)
+    res, dy, dres = (make_input(shape, dtype, "contiguous") for _ in range(3))
+    w = (torch.randn(width) * 0.5 + 1).to(DEVICE, dtype)
+    if backward:  # x is the saved sum s; rstd as the forward stores it (fp32, one per row)
+        rstd = torch.rsqrt(x.float().pow(2).mean(-1) + EPS).reshape(-1)
+        sr, wr = x.double().requires_grad_(), w.double().requires_grad_()
+        ref = torch.autograd.grad(rms_norm_fp64(sr, wr), (sr, wr), dy.double())
+        want_ds = ref[0] + dres.double()
+    else:
+        exact = x.double() + res.double()
+        want_y = rms_norm_fp64(exact.to(dtype), w)
+    for config in K.candidate_configs(width, backward):
+        if backward:
+            ds, dw = K.run_backward(dy, x, w, rstd, dres, config)
+            assert_close(ds, want_ds, dtype, f"ds, {config}", scale=dx_scale(x, w, dy) + dres.abs().max())
+            assert_close(dw, ref[1], dtype, f"dg, {config}")
+        else:
+            y, s, _ = K.run_forward(x, res, w, EPS, config)
+            assert_close(s, exact, dtype, f"s, {config}")
+            assert_close(y, want_y, dtype, f"y, {config}")
+
+
+def test_candidate_launches_surround_the_heuristic():
+    for width in (7, 768, 4096, 8200):
+        for backward in (False, True):
+            configs = K.candidate_configs(width, backward)
+            assert configs[0] == K.launch_config(width, backward) and len(set(configs)) == len(configs) >= 3
+    assert K.launch_config(768, False).block_m > 1  # narrow rows: several per program
+    assert K.launch_config(8200, True).block_m == 1  # wide rows: one at a time, in chunks
 
 
 @pytest.mark.parametrize("fused", [False, True])
@@ -220,6 +271,7 @@ def test_gpt_with_fused_add_norm_compiles_as_one_graph(small_model_config):
     (lambda: (torch.randn(2, 16), torch.ones(32)), r"weight shape \(32,\) must be \(16,\)"),  # would be cut silently
     (lambda: (torch.ones(2, 16, dtype=torch.int32), None), "x must be a floating-point tensor"),  # would give integers
     (lambda: (torch.randn(2, 16), torch.ones(16, device="meta")), "weight is on meta but x is on"),
+    (lambda: (torch.randn(3, 0), None), r"x must have at least one feature, got shape \(3, 0\)"),  # was a reshape error
 ])
 def test_bad_inputs_are_refused_in_one_line(op, make, message):
     x, w = make()
