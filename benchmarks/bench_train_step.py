@@ -39,6 +39,10 @@ VARIANTS = {
     "triton_rmsnorm": dict(norm="triton_rmsnorm"),
     "triton_rmsnorm+fused_add": dict(norm="triton_rmsnorm", fused_add_norm=True),
     "rmsnorm_aten": dict(norm="rmsnorm"),  # with kernels.rmsnorm_cpu.USE_CPU_KERNEL off (CPU only)
+    # the presets' architectures (configs/llama_style.toml, nanochat_style.toml) at the benchmark's size
+    "llama_style": dict(norm="rmsnorm", bias=False, pos_emb="rope", mlp="swiglu", tie_embeddings=False),
+    "nanochat_style": dict(norm="rmsnorm", norm_gain=False, bias=False, embed_norm="rmsnorm", qk_norm="rmsnorm",
+                           pos_emb="rope", mlp="relu2", tie_embeddings=False, logit_softcap=15.0),
 }
 
 
