@@ -176,6 +176,10 @@ def test_every_registry_norm_works_as_qk_and_output_norm(name, small_model_confi
     model = GPT(small_model_config(qk_norm=name, norm_position="peri", output_norm=name))
     for block in model.transformer.h:
         assert all(type(norm) is NORMS[name] for norm in (block.attn.q_norm, block.attn.k_norm, block.ln_1_out, block.ln_2_out))
+    with torch.no_grad():  # SeeDNorm starts with beta = 0, where alpha's gradient is 0 by design: move off it
+        for module in model.modules():
+            if isinstance(getattr(module, "beta", None), torch.nn.Parameter):
+                module.beta.normal_(0, 0.1)
     idx = torch.randint(0, 300, (2, 6))
     logits, loss = model(idx, idx)
     loss.backward()
