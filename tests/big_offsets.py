@@ -11,7 +11,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from kernels import rmsnorm_triton as K  # noqa: E402
-from norm_checks import EPS, assert_close, dx_scale, rms_norm_fp64  # noqa: E402
+from norm_checks import EPS, assert_close, check_add_rms_norm, dx_scale, rms_norm_fp64  # noqa: E402
 
 ROWS, N, STRIDE = 3, 96, 2 ** 30 + 7  # the last row starts at element 2^31 + 14
 
@@ -42,20 +42,7 @@ def main(case):
         assert_close(got[0], ref[0], dtype, "dx", scale=dx_scale(x, w, dy))
         assert_close(got[1], ref[1], dtype, "dg")
     elif case == "add":
-        x.requires_grad_()
-        res.requires_grad_()
-        y, s = K.triton_add_rms_norm(x, res, w, EPS)
-        got = torch.autograd.grad((y, s), (x, res, w), (dy, ds))
-        xr, rr = (t.detach().double().requires_grad_() for t in (x, res))
-        exact = xr + rr
-        sr = exact.detach().to(dtype).double() + (exact - exact.detach())  # the sum as stored, as the kernel
-        yr = rms_norm_fp64(sr, wr)
-        ref = torch.autograd.grad((yr, sr), (xr, rr, wr), (dy.double(), ds.double()))
-        assert_close(s, exact, dtype, "s")
-        assert_close(y, yr, dtype, "y")
-        scale = dx_scale(sr, w, dy) + ds.double().abs().max()
-        for name, g, r in zip(("dx", "dresidual", "dg"), got, ref):
-            assert_close(g, r, dtype, name, scale=scale if name != "dg" else None)
+        check_add_rms_norm(x, res, w, dy, ds, dtype)
     else:
         sys.exit(f"unknown case {case!r}: forward, backward or add")
     print("ok")

@@ -34,3 +34,23 @@ def dx_scale(x, weight, dy):
     x, dy = x.detach().double(), dy.double()
     g = dy if weight is None else dy * weight.detach().double()
     return (g * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + EPS)).abs().max()
+
+
+def check_add_rms_norm(x, res, w, dy, ds, dtype):
+    """triton_add_rms_norm's outputs (y, s) and its gradients for x, the residual and the gain
+    against fp64, with a gradient arriving on both outputs. The kernel normalizes the sum as stored,
+    like `x = x + f(x)`, with the gradient of the sum."""
+    from kernels import rmsnorm_triton as K
+    x, res, w = (t.detach().requires_grad_() for t in (x, res, w))
+    y, s = K.triton_add_rms_norm(x, res, w, EPS)
+    got = torch.autograd.grad((y, s), (x, res, w), (dy, ds))
+    xr, rr, wr = (t.detach().double().requires_grad_() for t in (x, res, w))
+    exact = xr + rr
+    sr = exact.detach().to(dtype).double() + (exact - exact.detach())
+    yr = rms_norm_fp64(sr, wr)
+    ref = torch.autograd.grad((yr, sr), (xr, rr, wr), (dy.double(), ds.double()))
+    assert_close(s, exact, dtype, "s")
+    assert_close(y, yr, dtype, "y")
+    scale = dx_scale(sr, w, dy) + ds.double().abs().max()
+    for name, g, r in zip(("dx", "dresidual", "dg"), got, ref):
+        assert_close(g, r, dtype, name, scale=scale if name != "dg" else None)

@@ -10,7 +10,7 @@ import torch
 
 from kernels.rmsnorm import rms_norm
 from model.gpt import GPT
-from norm_checks import EPS, assert_close, dx_scale, rms_norm_fp64
+from norm_checks import EPS, assert_close, check_add_rms_norm, dx_scale, rms_norm_fp64
 from repo import run_cli
 
 pytest.importorskip("triton")
@@ -82,19 +82,7 @@ def test_add_rms_norm_matches_fp64(dtype, width):
     res = make_input(shape, dtype, "transposed", scale=2.0).requires_grad_()
     w = (torch.randn(width) * 0.5 + 1).to(DEVICE, dtype).requires_grad_()
     dy, ds = make_input(shape, dtype, "contiguous"), make_input(shape, dtype, "transposed")
-    y, s = K.triton_add_rms_norm(x, res, w, EPS)
-    got = torch.autograd.grad((y, s), (x, res, w), (dy, ds))
-    xr, rr, wr = (t.detach().double().requires_grad_() for t in (x, res, w))
-    exact = xr + rr
-    # the kernel normalizes the sum as stored, like `x = x + f(x)`, with the gradient of the sum
-    sr = exact.detach().to(dtype).double() + (exact - exact.detach())
-    yr = rms_norm_fp64(sr, wr)
-    ref = torch.autograd.grad((yr, sr), (xr, rr, wr), (dy.double(), ds.double()))
-    assert_close(s, exact, dtype, "s")
-    assert_close(y, yr, dtype, "y")
-    scale = dx_scale(sr, w, dy) + ds.double().abs().max()
-    for name, g, r in zip(("dx", "dresidual", "dg"), got, ref):
-        assert_close(g, r, dtype, name, scale=scale if name != "dg" else None)
+    check_add_rms_norm(x, res, w, dy, ds, dtype)
 
 
 def test_add_rms_norm_mixed_dtypes_promote_like_torch():
