@@ -272,3 +272,26 @@ def test_a_comparison_across_tokenizers_ranks_by_bits_per_byte(small_model_confi
     summary = summarize(rows, comparison)
     assert summary[1]["delta"] == pytest.approx(-0.20) and summary[1]["verdict"] == "lower (better)"
     assert "final val bits per byte" in markdown_table(summary, comparison)
+
+
+def test_mixed_stacks_and_positions_work_with_the_new_keys(small_model_config):
+    """Per-block norms and positions, QK-norm and output norms together with RoPE, grouped-query
+    heads, SwiGLU, an untied head, soft-capping and LayerNorm Scaling: causal, cache-exact, trainable."""
+    torch.manual_seed(0)
+    config = small_model_config(n_layer=3, n_head=4, n_embd=32, block_norms="layernorm,rmsnorm/derf,seednorm",
+                                block_positions="pre,peri,pre", qk_norm="rmsnorm", pos_emb="rope", n_kv_head=2,
+                                mlp="swiglu", tie_embeddings=False, logit_softcap=10.0, norm_scaling="layer",
+                                embed_norm="rmsnorm")
+    model = GPT(config).eval()
+    idx = torch.randint(0, 300, (2, 12))
+    changed = idx.clone()
+    changed[:, 8] = (changed[:, 8] + 1) % 300
+    a, b = model(idx)[0], model(changed)[0]
+    torch.testing.assert_close(a[:, :8], b[:, :8])
+    assert not torch.allclose(a[:, 8:], b[:, 8:])
+    assert torch.equal(model.generate(idx[:, :4], 20, temperature=0), model.generate(idx[:, :4], 20, temperature=0,
+                                                                                      use_cache=False))
+    model.train()
+    _, loss = model(idx, idx)
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
