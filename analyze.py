@@ -8,6 +8,7 @@
                                               the exact LayerNorm -> RMSNorm conversion (study/convert.py)
     python analyze.py recentering <comparison dir> [--delta_threshold 0.01] [--jobs 2]
                                               do norm-input statistics predict the probe's Δ? (study/recentering.py)
+    python analyze.py pairs <comparison dir>  each <x>_ln / <x>_rms pair, paired by seed (study/pairs.py)
 
 The probe (study/probe.py) flips ONE norm site at a time (LayerNorm loses its mean subtraction, any
 other norm gains one) and removes each QK-norm and output norm, then evaluates the fixed validation
@@ -31,7 +32,8 @@ from config import ArgumentParser, UserError, parse_cli_overrides, run_main
 
 USAGE = ("usage: python analyze.py probe|diagnostics <run dir, transformers folder or hub id>  |  "
          "python analyze.py convert <run dir or checkpoint> --to rmsnorm --out <new run dir>  |  "
-         "python analyze.py recentering <comparison dir> [--delta_threshold NATS] [--jobs N]")
+         "python analyze.py recentering <comparison dir> [--delta_threshold NATS] [--jobs N]  |  "
+         "python analyze.py pairs <comparison dir>")
 PRETRAINED_DEFAULTS = {"eval_windows": 8, "batch_size": 4}  # CPU-sized for a 100M+ model: GPT-2 124M in ~25-45 min
 
 
@@ -73,6 +75,9 @@ def main():
     command, rest = (sys.argv[1], sys.argv[2:]) if len(sys.argv) > 1 else (None, [])
     if command in ("convert", "recentering"):
         return {"convert": convert, "recentering": recentering}[command](rest)
+    if command == "pairs" and len(rest) == 1:
+        from study.pairs import run_pairs
+        return run_pairs(rest[0])
     if command in one_folder and rest and hf.is_transformers_source(rest[0]):
         return pretrained(command, rest[0], rest[1:])  # a transformers checkpoint folder or hub id
     if command not in one_folder or len(rest) != 1:
