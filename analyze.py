@@ -50,12 +50,18 @@ def pretrained(command, source, args):
 def convert(argv):
     from study.convert_run import run_convert
     p = ArgumentParser(prog="analyze.py convert", hint="; " + USAGE)
-    p.add_argument("source", help="a run dir (its newest intact checkpoint) or a checkpoint folder")
+    p.add_argument("source", help="a run dir (its newest intact checkpoint), a checkpoint folder, or a transformers "
+                                  "checkpoint folder or hub id (then --key=value sets its config: block_size, data...)")
     p.add_argument("--to", required=True, help="the norm every LayerNorm becomes: rmsnorm")
     p.add_argument("--out", required=True, help="the converted run folder (new)")
     p.add_argument("--windows", type=int, default=0, help="validation windows the logits are checked on (0 = all)")
-    args = p.parse_args(argv)
-    run_convert(args.source, args.to, args.out, args.windows)
+    args, overrides = p.parse_known_args(argv)
+    pretrained = None
+    if hf.is_transformers_source(args.source):  # e.g. gpt2: its own LayerNorms, converted exactly
+        pretrained = hf.load_pretrained(args.source, overrides={"eval_windows": 8, **parse_cli_overrides(overrides)})
+    elif overrides:
+        raise UserError(f"unrecognized arguments: {' '.join(overrides)}" + "; " + USAGE)
+    run_convert(args.source, args.to, args.out, args.windows, pretrained=pretrained)
 
 
 def recentering(argv):

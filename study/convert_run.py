@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from config import UserError, check_folder, save_config
+from data.prepare import file_sha256
 from study import convert
 from training.checkpoint import (CONFIG, STATE, TOKENIZER, Counters, list_checkpoints, load_model, read_meta,
                                  save_checkpoint, track_training_state)
@@ -66,6 +67,8 @@ def source_counters(folder, meta):
     """(Counters, data generator state or None) as the source checkpoint's state/ has them: its own
     only for a one-process run (every process of a larger run drew a slice of one global batch)."""
     counters = Counters(step=meta.get("step", 0))
+    if folder is None:  # a transformers checkpoint: a new run from step 0
+        return counters, None
     state = Path(folder) / STATE
     if meta.get("num_processes") != 1 or not (state / "custom_checkpoint_1.pkl").is_file():
         return counters, None
@@ -80,7 +83,7 @@ def source_counters(folder, meta):
     return counters, batches["state"]
 
 
-def write_checkpoint(out, model, config, folder, meta):
+def write_checkpoint(out, model, config, folder, meta, tokenizer):
     """The converted model's checkpoint through the trainer's own save_checkpoint (CPU, one process)."""
     from accelerate import Accelerator
     from data.batches import TrainBatches
@@ -100,8 +103,8 @@ def write_checkpoint(out, model, config, folder, meta):
         torch.manual_seed(config.seed + counters.step)  # the RNG states saved beside it: reproducible
         keep = {k: meta[k] for k in ("tokenizer_hash", "corpus_hash") if k in meta}
         return save_checkpoint(accelerator, out, counters.step, prepared, config,
-                               {**keep, "sharding": "none", "converted_from": str(folder)},
-                               Path(folder) / TOKENIZER, keep=1)
+                               {**keep, "sharding": "none", "converted_from": str(folder or config.init_from)},
+                               tokenizer, keep=1)
     finally:
         release_accelerator(accelerator)
 
@@ -120,35 +123,44 @@ def check_out(out, source_folder):
     out = check_folder(out, "--out")
     if list_checkpoints(out) or (out / CONFIG).exists():
         raise UserError(f"--out {str(out)!r} already holds a run; give a new folder")
-    if out.resolve() in (Path(source_folder).resolve(), *Path(source_folder).resolve().parents):
+    if source_folder is not None and out.resolve() in (Path(source_folder).resolve(), *Path(source_folder).resolve().parents):
         raise UserError(f"--out {str(out)!r} holds the source checkpoint; give a new folder")
     return out
 
 
-def run_convert(source, to, out, windows=0, log=print):
+def run_convert(source, to, out, windows=0, log=print, pretrained=None):
+    """Convert a run dir or checkpoint folder, or `pretrained` = (model, config, tokenizer path) of a
+    transformers checkpoint (analyze.py loads it through hf/): the converted run then stands on its
+    own, with the checkpoint's tokenizer copied in and no init_from."""
     if to not in TARGETS:
         raise UserError(f"--to {to!r}: the exact conversion goes to {', '.join(TARGETS)}")
-    model, config, folder = load_model(source)  # any run dir or checkpoint folder the loaders know
+    if pretrained is None:
+        model, config, folder = load_model(source)  # any run dir or checkpoint folder the loaders know
+        tokenizer, meta = folder / TOKENIZER, read_meta(folder)
+    else:
+        (model, config, tokenizer), folder = pretrained, None
+        meta = {"step": 0, "tokenizer_hash": file_sha256(tokenizer)}
     out = check_out(out, folder)
     converted, new_config, plan = convert.convert_model(model)
     new_config = dataclasses.replace(new_config, out_dir=str(out))
+    if pretrained is not None:
+        new_config = dataclasses.replace(new_config, init_from="", tokenizer=str(out / TOKENIZER))
     checks = {"random tokens": convert.exactness(model, converted, random_batches(config)),
               "validation windows": convert.exactness(model, converted, validation_windows(config, windows))}
     problem = inexact(checks)
     if problem:
         raise UserError(problem)
-    meta = read_meta(folder)
     with run_folder_lock(out):
-        checkpoint = write_checkpoint(out, converted, new_config, folder, meta)
+        shutil.copyfile(tokenizer, out / TOKENIZER)
+        checkpoint = write_checkpoint(out, converted, new_config, folder, meta, tokenizer)
         save_config(new_config, out / CONFIG)
-        shutil.copyfile(folder / TOKENIZER, out / TOKENIZER)
-        run_dir = folder.parent.parent  # a checkpoint of a run folder: carry its logs up to this step
         step = read_meta(checkpoint)["step"]
-        for name in (METRICS, DIAGNOSTICS):
+        for name in (METRICS, DIAGNOSTICS) if folder is not None else ():
+            run_dir = folder.parent.parent  # a checkpoint of a run folder: carry its logs up to this step
             if folder.parent.name == "checkpoints" and (run_dir / name).is_file():
                 write_atomic(out / name, "".join(line + "\n" for line in jsonl_lines_up_to(run_dir / name, step)))
         write_toml(new_config, out / "config.toml")
-        record = {"source": str(folder), "checkpoint": str(checkpoint), "step": step, "to": to,
+        record = {"source": str(folder or source), "checkpoint": str(checkpoint), "step": step, "to": to,
                   "norm": convert.target_norm(config), "centered": plan, "max_abs_logit_change": checks}
         (out / "conversion.json").write_text(json.dumps(record, indent=1))
         text = conversion_report(record, model, converted)

@@ -180,3 +180,29 @@ def test_cli_refuses_post_norm_in_one_line_and_writes_nothing(shared_cache, tmp_
 def test_cli_bad_arguments_are_one_line(args, message, tmp_path):
     result = run_cli("analyze.py", "convert", str(tmp_path), *args)
     assert result.returncode == 2 and message in result.stderr and result.stderr.strip().count("\n") == 0
+
+
+@pytest.mark.slow
+def test_a_transformers_gpt2_checkpoint_converts_exactly_and_trains_on(shared_cache, tmp_path):
+    """GPT-2's own LayerNorms to RMSNorm (Jiang et al.'s headline): the converted run's logits equal
+    transformers' GPT2LMHeadModel on the same tokens, and the run trains on from its step-0 checkpoint."""
+    import transformers
+    import hf
+    from hf_checkpoints import build, tokenizer_file
+    from study.convert_run import run_convert
+    from train import train
+    from training.checkpoint import load_model
+    folder = build("gpt2", tmp_path / "gpt2", tokenizer_file(tmp_path / "tok"))
+    pretrained = hf.load_pretrained(str(folder), overrides={"cache_dir": shared_cache, "eval_windows": 4,
+                                                            "batch_size": 2})
+    out = tmp_path / "gpt2_rmsnorm"
+    record = run_convert(str(folder), "rmsnorm", str(out), pretrained=pretrained, log=lambda *_: None)
+    assert all(record["max_abs_logit_change"][w]["fp32"] <= 1e-4 for w in ("random tokens", "validation windows"))
+    converted, config, _ = load_model(out)
+    assert config.norm == "rmsnorm_bias" and not config.tie_embeddings and config.init_from == ""
+    reference = transformers.GPT2LMHeadModel.from_pretrained(folder).eval()
+    idx = torch.randint(0, config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(converted(idx)[0], reference(idx).logits, rtol=0, atol=1e-4)
+    resumed = load_config(out / "config.toml", {"max_steps": 3, "eval_interval": 3, "cache_dir": shared_cache})
+    assert train(resumed, resume=True, log=lambda *_: None)["steps"] == 3
