@@ -4,7 +4,7 @@
     python analyze.py diagnostics <run dir>   heatmaps of the run's diagnostics.jsonl (config.diagnostics)
     python analyze.py probe gpt2 [--block_size=1024 --eval_windows=8 --data=stdlib --out_dir=...]
     python analyze.py diagnostics <transformers folder or hub id> [--key=value ...]
-    python analyze.py convert <run dir or checkpoint> --to rmsnorm --out <new run dir>
+    python analyze.py convert <run dir, checkpoint, transformers folder or hub id> --to rmsnorm --out <new run dir>
                                               the exact LayerNorm -> RMSNorm conversion (study/convert.py)
     python analyze.py recentering <comparison dir> [--delta_threshold 0.01] [--jobs 2]
                                               do norm-input statistics predict the probe's Δ? (study/recentering.py)
@@ -31,7 +31,7 @@ import hf
 from config import ArgumentParser, UserError, parse_cli_overrides, run_main
 
 USAGE = ("usage: python analyze.py probe|diagnostics <run dir, transformers folder or hub id>  |  "
-         "python analyze.py convert <run dir or checkpoint> --to rmsnorm --out <new run dir>  |  "
+         "python analyze.py convert <run dir, checkpoint, transformers folder or hub id> --to rmsnorm --out <new run dir>  |  "
          "python analyze.py recentering <comparison dir> [--delta_threshold NATS] [--jobs N]  |  "
          "python analyze.py pairs <comparison dir>")
 PRETRAINED_DEFAULTS = {"eval_windows": 8, "batch_size": 4}  # CPU-sized for a 100M+ model: GPT-2 124M in ~25-45 min
