@@ -111,7 +111,7 @@ run step_eager 60 "$PY" benchmarks/bench_train_step.py --modes eager "${STEP[@]}
     --json "$OUT_DIR/bench_train_step_eager.json"
 # eager and compiled in two runs, so that compiling cannot cost the eager table; ours first
 run step_compiled 150 "$PY" benchmarks/bench_train_step.py --modes compiled "${STEP[@]}" --max-seconds @MAX@ \
-    --variants triton_rmsnorm+fused_add,triton_rmsnorm,rmsnorm,layernorm,none,llama_style,nanochat_style \
+    --variants triton_rmsnorm+fused_add,triton_rmsnorm,rmsnorm,layernorm,none \
     --json "$OUT_DIR/bench_train_step_compiled.json"
 run trainer 120 "$PY" benchmarks/bench_trainer.py "${TRAINER[@]}" --set "cache_dir=$CACHE_DIR" --max-seconds @MAX@ \
     --json "$OUT_DIR/bench_trainer.json"

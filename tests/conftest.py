@@ -24,8 +24,8 @@ def shared_cache(tmp_path_factory):
 @pytest.fixture
 def tiny_config(tmp_path, shared_cache):
     """configs/tiny.toml with its run dir in tmp_path; keyword overrides on top."""
-    def make(**overrides):
-        return tiny_run_config(tmp_path / "run", shared_cache, **overrides)
+    def make(out_dir=None, cache_dir=None, **overrides):
+        return tiny_run_config(out_dir or tmp_path / "run", cache_dir or shared_cache, **overrides)
     return make
 
 
