@@ -200,9 +200,9 @@ def _train(config, resume, log, accelerator):
         "corpus_hash": data.corpus_hash, "unigram_entropy": data.unigram_entropy,
         "skipped_steps": counters.skipped_steps,
     }
-    bpb = f" ({val_bpb:.4f} bits/byte)" if val_bpb is not None else ""
-    log(f"done: step {result['steps']}, val loss {val_loss:.4f} nats/token{bpb} "
-        f"(unigram entropy of the corpus: {data.unigram_entropy:.4f}), "
+    bpb = f", {val_bpb:.4f} bits/byte" if val_bpb is not None else ""
+    log(f"done: step {result['steps']}, val loss {val_loss:.4f} nats/token "
+        f"(unigram entropy of the corpus: {data.unigram_entropy:.4f}){bpb}, "
         f"{result['tokens_per_s']:,.0f} tokens/s, {result['wall_seconds']:.0f}s of training -> {run_dir}")
     return result
 

@@ -227,8 +227,8 @@ class InjectNonFinite(train_module.GPT):
         super().__init__(config)
         self.calls = 0
 
-    def forward(self, idx, targets=None, kv_caches=None):
-        logits, loss = super().forward(idx, targets, kv_caches)
+    def forward(self, idx, targets=None, kv_caches=None, fused_add_norm=None):
+        logits, loss = super().forward(idx, targets, kv_caches, fused_add_norm)
         if self.training:
             self.calls += 1
             if self.calls in self.bad_steps:
