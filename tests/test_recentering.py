@@ -88,7 +88,7 @@ def test_recentering_on_a_tiny_comparison(tmp_path, shared_cache):
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "--delta_threshold" in bad.stderr
 
 
-STUDY_CONFIGS = ["study_recentering.toml", "study_guided_stack.toml", "study_stability_400.toml",
+STUDY_CONFIGS = ["study_recentering.toml", "study_recentering_modern.toml", "study_guided_stack.toml", "study_stability_400.toml",
                  "gpu/study_recentering_20m.toml", "gpu/study_recentering_124m.toml"]
 
 
