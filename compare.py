@@ -156,6 +156,9 @@ def new_row(variant, seed, config, status="ok", error=""):
     return {"variant": variant, "seed": seed, "run_dir": str(config.out_dir), "status": status, "error": error}
 
 
+TRACKER_LABELS = ("tracker_project", "tracker_run_name")
+
+
 def finished_row(variant, seed, config):
     """The row a finished run saved (its result.json), or None; a run folder trained with another
     config stops the comparison (its results would be mixed with this one's)."""
@@ -164,8 +167,9 @@ def finished_row(variant, seed, config):
         return None
     saved = json.loads(done.read_text())
     saved_config = {**Config().to_dict(), **saved["config"]}  # a key it lacks is newer than the run: its default
-    if saved_config != config.to_dict():
-        changed = sorted(k for k, v in config.to_dict().items() if saved_config.get(k) != v)
+    # the tracker's names label a run, they do not train it: a run another comparison file trained counts
+    changed = sorted(k for k, v in config.to_dict().items() if saved_config.get(k) != v and k not in TRACKER_LABELS)
+    if changed:
         raise UserError(f"{config.out_dir} was trained with a different config ({', '.join(changed)}); "
                         f"delete it or give the comparison another out_dir")
     return {**new_row(variant, seed, config), **saved["row"]}

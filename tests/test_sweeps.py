@@ -142,3 +142,18 @@ def test_a_finished_run_whose_saved_config_lacks_newer_keys_is_skipped(tmp_path,
     (run_dir / "result.json").write_text(json.dumps({"row": {}, "config": {**old, "qk_norm": "rmsnorm"}}))
     with pytest.raises(UserError, match="different config \\(qk_norm\\)"):
         compare.run_one(label, seed, config, 5.0, log=lambda *a: None)
+
+
+def test_a_run_another_comparison_file_trained_is_shared(tmp_path, shared_cache):
+    """Two comparison files with one out_dir (a study and a part of it) share a finished run: the
+    tracker's names differ (they label the run), the training config does not."""
+    path = write_comparison(tmp_path, shared_cache, {"layernorm": {"norm": "layernorm"}}, seeds=(1,))
+    [(label, seed, config)] = compare.load_comparison(path).runs
+    run_dir = tmp_path / "out" / "runs" / "layernorm" / "seed1"
+    run_dir.mkdir(parents=True)
+    other = {**config.to_dict(), "tracker_project": "another_study", "tracker_run_name": "x/seed1"}
+    (run_dir / "result.json").write_text(json.dumps({"row": {"final_val_loss": 4.0}, "config": other}))
+    assert compare.run_one(label, seed, config, 5.0, log=lambda *a: None)["final_val_loss"] == 4.0
+    (run_dir / "result.json").write_text(json.dumps({"row": {}, "config": {**other, "learning_rate": 1e-2}}))
+    with pytest.raises(UserError, match="different config \\(learning_rate\\)"):
+        compare.run_one(label, seed, config, 5.0, log=lambda *a: None)
