@@ -73,7 +73,7 @@ def verdict(row):
         return "too few seeds"
     low, high = row["ci"]
     if low <= 0 <= high:
-        return f"not distinguishable (|d| ≥ {row['detectable']:.3f} ruled out at 80% power)"
+        return f"not distinguishable (a true d of ±{row['detectable']:.3f} is found 80% of the time)"
     return "RMSNorm lower (better)" if row["mean_diff"] < 0 else "LayerNorm lower (better)"
 
 
@@ -85,10 +85,10 @@ def markdown(rows, folder):
     lines = [f"# LayerNorm vs RMSNorm, paired by seed: {folder}", "",
              "d = final val loss (RMSNorm) − final val loss (LayerNorm), per seed; same seed = same batches and "
              "initial weights. Detectable: the smallest true |d| a paired t-test on these seeds finds with 80% power "
-             "(two-sided α = 0.05). Probe: the largest |Δ val loss| from flipping one site's mean subtraction; "
+             "(two-sided α = 0.05). Probe: the largest absolute Δ val loss from flipping one site's mean subtraction; "
              "mean share: the largest share of any norm input's energy in its mean at the end of training.", "",
              "| pair | seeds | LN (mean ± sd) | RMS (mean ± sd) | d (mean ± sd) | 95% CI of d | paired p | detectable | "
-             "verdict | probe max |Δ| LN / RMS | mean share max LN / RMS |",
+             "verdict | probe max abs Δ LN / RMS | mean share max LN / RMS |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ci = "–" if r["ci"] is None else f"[{r['ci'][0]:+.4f}, {r['ci'][1]:+.4f}]"
@@ -97,7 +97,7 @@ def markdown(rows, folder):
                      f"| {ci} | {fmt(r['p'], '.3f')} | {fmt(r['detectable'], '.4f')} | {verdict(r)} "
                      f"| {fmt(r['ln_probe_max'], '.1e')} / {fmt(r['rms_probe_max'], '.1e')} "
                      f"| {fmt(r['ln_mean_share_max'], '.2%')} / {fmt(r['rms_mean_share_max'], '.2%')} |")
-    lines += ["", "No correction for testing several pairs: with 10 pairs, one p < 0.05 by chance is likely."]
+    lines += ["", f"No correction for testing {len(rows)} pairs: with many pairs, one p < 0.05 by chance is likely."]
     return "\n".join(lines) + "\n"
 
 

@@ -53,7 +53,7 @@ def test_a_pair_whose_interval_holds_zero_is_not_distinguishable(tmp_path):
     write_study(tmp_path, {"qk_ln": {1: 3.50, 2: 3.60, 3: 3.55}, "qk_rms": {1: 3.51, 2: 3.59, 3: 3.57}})
     [row] = run_pairs(tmp_path, log=lambda *_: None)
     assert row["ci"][0] < 0 < row["ci"][1]
-    assert f"not distinguishable (|d| ≥ {row['detectable']:.3f} ruled out" in (tmp_path / "pairs.md").read_text()
+    assert f"not distinguishable (a true d of ±{row['detectable']:.3f} is found" in (tmp_path / "pairs.md").read_text()
 
 
 def test_a_folder_without_pairs_is_one_line(tmp_path):
