@@ -146,9 +146,10 @@ class GPT(nn.Module):
         if c.embed_norm:
             lines.insert(1, f"  embed: {c.embed_norm}")
         lines.append(f"  final: {final}")
-        if "dyt" in {n for pair in blocks for n in pair} | {final, c.qk_norm, c.output_norm, c.embed_norm}:
+        used = {n for pair in blocks for n in pair} | {final, c.qk_norm, c.output_norm, c.embed_norm}
+        if "dyt" in used:
             lines.append(f"  dyt: alpha initialised to {c.dyt_alpha}")
-        if "derf" in {n for pair in blocks for n in pair} | {final, c.qk_norm, c.output_norm, c.embed_norm}:
+        if "derf" in used:
             lines.append(f"  derf: alpha initialised to {c.derf_alpha}, shift to 0")
         lines.append(f"  model: positions {c.pos_emb}" + (f" (theta {c.rope_theta:g})" if c.pos_emb == "rope" else "")
                      + f", mlp {c.mlp} (hidden {mlp_hidden_size(c)}), heads {c.n_head}"

@@ -301,14 +301,13 @@ def resolve_norm_stack(config):
 def check_model_config(config):
     """The checks of a config that need the registry (config.py imports no project module). Call it
     before any data is prepared, so that a bad norm stack fails in the first second."""
-    blocks, _ = resolve_norm_stack(config)
+    blocks, final = resolve_norm_stack(config)
     positions = resolve_block_positions(config)
     if config.qk_norm:
         check_norm_name(config.qk_norm, "qk_norm")
     if config.embed_norm:
         check_norm_name(config.embed_norm, "embed_norm")
-    used = {n for pair in blocks for n in pair} | {resolve_norm_stack(config)[1], config.qk_norm, config.output_norm,
-                                                   config.embed_norm}
+    used = {n for pair in blocks for n in pair} | {final, config.qk_norm, config.output_norm, config.embed_norm}
     if "seednorm" in used and not config.norm_gain:
         raise UserError("seednorm with norm_gain = false learns nothing and is rmsnorm without a gain; "
                         "use norm_gain = true, or rmsnorm")
