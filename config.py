@@ -54,11 +54,16 @@ class Config:
     output_norm: str = ""         # the norm on sublayer outputs ("peri"/"output" blocks); "" = the sublayer's norm
     qk_norm: str = ""             # a norm on queries and keys per head, gains of size head_dim ("" = none)
     dyt_alpha: float = 0.5        # initial alpha of the "dyt" norm, gamma * tanh(alpha * x) + beta
+    dyt_alpha_attn: float = 0.0   # initial alpha of "dyt" at the attention norms (ln_1); 0 = dyt_alpha. The DyT
+                                  # paper's LLaMA recipe gives attention a larger one (7B: 0.8, elsewhere 0.2)
     derf_alpha: float = 0.5       # initial alpha of the "derf" norm, gamma * erf(alpha * x + s) + beta
     norm_eps: float = 1e-5        # explicit, never a library default
     norm_gain: bool = True        # learnable gain in every norm
     prms_fraction: float = 0.0625  # pRMSNorm: share of features the RMS is estimated from
     embed_norm: str = ""          # a norm on the token (+ position) embedding before the first block ("" = none)
+    embed_scale: float = 0.0      # > 0: the embedding times a learned scalar initialised to this. 50 (= 1 / 0.02)
+                                  # gives our N(0, 0.02) embedding unit RMS, as the DyT paper's LLaMA recipe does
+                                  # (sqrt(d) times an N(0, 1/d) embedding): DyT has no statistics to rescale it
     norm_scaling: str = "none"    # "layer": block i's input norms times 1/sqrt(i + 1) (LayerNorm Scaling, Sun et al. 2025)
     fused_add_norm: bool = False  # pre-norm + RMS norms only: each residual add and the norm after it run
                                   # as one Triton kernel (kernels/rmsnorm_triton.py); same math as unfused
@@ -131,7 +136,8 @@ class Config:
             "warmup_steps": self.warmup_steps >= 0, "weight_decay": self.weight_decay >= 0,
             "beta1": 0 <= self.beta1 < 1, "beta2": 0 <= self.beta2 < 1, "grad_clip": self.grad_clip >= 0,
             "hf_max_documents": self.hf_max_documents >= 0, "prepare_workers": self.prepare_workers >= 0,
-            "tokenizer_train_bytes": self.tokenizer_train_bytes > 0, "dyt_alpha": self.dyt_alpha > 0, "derf_alpha": self.derf_alpha > 0,
+            "tokenizer_train_bytes": self.tokenizer_train_bytes > 0, "dyt_alpha": self.dyt_alpha > 0,
+            "dyt_alpha_attn": self.dyt_alpha_attn >= 0, "embed_scale": self.embed_scale >= 0, "derf_alpha": self.derf_alpha > 0,
             "z_loss": self.z_loss >= 0, "n_kv_head": self.n_kv_head >= 0, "mlp_hidden": self.mlp_hidden >= 0,
             "rope_theta": self.rope_theta > 0, "logit_softcap": self.logit_softcap >= 0,
         }

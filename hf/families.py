@@ -61,7 +61,7 @@ def config_from_hf(hf, where):
     if kind not in CLASSES:
         named = f" ({', '.join(hf.architectures)})" if getattr(hf, "architectures", None) else ""
         raise UserError(f"{where} is a {kind!r} model{named}; the families that map are {families()}")
-    keys = dict(norm_position="pre", block_positions="", output_norm="", embed_norm="", norm_scaling="none",
+    keys = dict(norm_position="pre", block_positions="", output_norm="", embed_norm="", embed_scale=0.0, norm_scaling="none",
                 norm_gain=True, logit_softcap=0.0, qk_norm="", tie_embeddings=bool(getattr(hf, "tie_word_embeddings", True)))
     problems = []
     if kind == "gpt2":
@@ -150,6 +150,8 @@ def export_family(config, where):
         problems.append("logit_softcap (none of these classes soft-caps)")
     if config.embed_norm:
         problems.append("embed_norm")
+    if config.embed_scale:
+        problems.append("embed_scale")
     if config.norm_scaling != "none":
         problems.append(f"norm_scaling = {config.norm_scaling!r}")
     if config.pos_emb == "learned":

@@ -14,11 +14,12 @@ block_positions per block); shown for attention, the MLP is alike with ln_2 / ln
 
 With qk_norm, queries and keys get a norm per head (q_norm, k_norm, gains of size head_dim) after
 the projection, before rotary positions (pos_emb = "rope"). embed_norm puts a norm (ln_e) on the
-embedding before the first block; the final norm (ln_f) sits before the output head (tied to the
+embedding before the first block (embed_scale: times a learned scalar first); the final norm (ln_f) sits before the output head (tied to the
 embedding unless tie_embeddings = false) in every case. norm_scaling = "layer" multiplies block i's
 input norms by 1/sqrt(i + 1); logit_softcap = c makes the logits c * tanh(logits / c).
 """
 import math
+from dataclasses import replace
 
 import torch
 import torch.nn as nn
@@ -37,9 +38,10 @@ class Block(nn.Module):
         self.input_scale = 1 / math.sqrt(index + 1) if config.norm_scaling == "layer" else 1.0
         has_out = position in ("peri", "output")
 
-        def norm(name, present):  # absent sites are None: no parameters, no checkpoint keys
-            return make_norm(name, config.n_embd, config) if present else None
-        self.ln_1 = norm(attn_norm, position != "output")
+        def norm(name, present, cfg=config):  # absent sites are None: no parameters, no checkpoint keys
+            return make_norm(name, config.n_embd, cfg) if present else None
+        attn_config = replace(config, dyt_alpha=config.dyt_alpha_attn) if config.dyt_alpha_attn else config
+        self.ln_1 = norm(attn_norm, position != "output", attn_config)
         self.attn = CausalSelfAttention(config, rotary)
         self.ln_1_out = norm(config.output_norm or attn_norm, has_out)
         self.ln_2 = norm(mlp_norm, position != "output")
@@ -102,6 +104,8 @@ class GPT(nn.Module):
             h=nn.ModuleList([Block(config, p, a, m, i, rotary) for i, (p, (a, m)) in enumerate(zip(positions, block_norms))]),
             ln_f=make_norm(final_norm, config.n_embd, config))
         self.transformer = nn.ModuleDict(layers)
+        if config.embed_scale:
+            self.embed_scale = nn.Parameter(torch.tensor(float(config.embed_scale)))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.tie_weights()
         self.apply(self._init_weights)
@@ -148,7 +152,10 @@ class GPT(nn.Module):
         lines.append(f"  final: {final}")
         used = {n for pair in blocks for n in pair} | {final, c.qk_norm, c.output_norm, c.embed_norm}
         if "dyt" in used:
-            lines.append(f"  dyt: alpha initialised to {c.dyt_alpha}")
+            lines.append(f"  dyt: alpha initialised to {c.dyt_alpha}"
+                         + (f", {c.dyt_alpha_attn} at the attention norms" if c.dyt_alpha_attn else ""))
+        if c.embed_scale:
+            lines.insert(1, f"  embed: times a learned scalar, initialised to {c.embed_scale:g}")
         if "derf" in used:
             lines.append(f"  derf: alpha initialised to {c.derf_alpha}, shift to 0")
         lines.append(f"  model: positions {c.pos_emb}" + (f" (theta {c.rope_theta:g})" if c.pos_emb == "rope" else "")
@@ -175,6 +182,8 @@ class GPT(nn.Module):
         x = self.transformer.wte(idx)
         if "wpe" in self.transformer:
             x = x + self.transformer.wpe(torch.arange(past, past + T, device=idx.device))
+        if self.config.embed_scale:
+            x = x * self.embed_scale.to(x.dtype)
         if "ln_e" in self.transformer:
             x = self.transformer.ln_e(x)
         x = self.transformer.drop(x)

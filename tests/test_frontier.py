@@ -42,6 +42,32 @@ def test_dyt_is_gamma_tanh_alpha_x_plus_beta(small_model_config):
     torch.testing.assert_close(no_gain(x), torch.tanh(0.5 * x))  # default alpha 0.5, beta 0
 
 
+def test_dyt_llama_recipe_attention_alpha_and_embedding_scale(small_model_config):
+    """The DyT paper's LLaMA recipe: a larger alpha at the attention norms (ln_1) than elsewhere, and a
+    learned scalar on the embedding; the scalar multiplies wte + wpe before the first block and is
+    not weight-decayed."""
+    config = small_model_config(norm="dyt", dyt_alpha=0.2, dyt_alpha_attn=0.8, embed_scale=50.0, n_layer=2)
+    model = GPT(config)
+    for block in model.transformer.h:
+        assert block.ln_1.alpha.item() == pytest.approx(0.8) and block.ln_2.alpha.item() == pytest.approx(0.2)
+    assert model.transformer.ln_f.alpha.item() == pytest.approx(0.2)
+    assert model.embed_scale.item() == 50.0 and model.embed_scale.requires_grad
+    seen = []
+    model.transformer.h[0].register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    idx = torch.randint(0, config.vocab_size, (2, 5))
+    model(idx)
+    t = model.transformer
+    torch.testing.assert_close(seen[0], 50.0 * (t.wte(idx) + t.wpe(torch.arange(5))))
+    decayed, plain = model.optimizer_groups(0.1)
+    assert any(p is model.embed_scale for p in plain["params"])
+    assert not any(p is model.embed_scale for p in decayed["params"])
+    text = model.describe_norms()
+    assert "dyt: alpha initialised to 0.2, 0.8 at the attention norms" in text
+    assert "embed: times a learned scalar, initialised to 50" in text
+    default = GPT(small_model_config(norm="dyt", dyt_alpha=0.3))
+    assert default.transformer.h[0].ln_1.alpha.item() == pytest.approx(0.3) and not hasattr(default, "embed_scale")
+
+
 def test_qk_norm_is_per_head_with_gains_of_head_dim(small_model_config):
     config = small_model_config(n_embd=16, n_head=4, qk_norm="rmsnorm", block_size=8)
     model = GPT(config).eval()
@@ -151,6 +177,8 @@ def test_sites_that_cannot_apply_are_refused_in_one_line(overrides, message, sma
 @pytest.mark.parametrize("overrides, message", [
     (dict(norm_position="sandwich"), "norm_position = 'sandwich' is not valid"),
     (dict(dyt_alpha=0.0), "dyt_alpha = 0.0 is out of range"),
+    (dict(dyt_alpha_attn=-0.1), "dyt_alpha_attn = -0.1 is out of range"),
+    (dict(embed_scale=-1.0), "embed_scale = -1.0 is out of range"),
     (dict(z_loss=-1e-4), "z_loss = -0.0001 is out of range"),
 ])
 def test_bad_values_are_one_line_errors(overrides, message, small_model_config):
@@ -159,7 +187,8 @@ def test_bad_values_are_one_line_errors(overrides, message, small_model_config):
 
 
 @pytest.mark.parametrize("change", [dict(qk_norm="rmsnorm"), dict(block_positions="post,pre"),
-                                    dict(norm_position="peri", output_norm="rmsnorm"), dict(dyt_alpha=0.2)])
+                                    dict(norm_position="peri", output_norm="rmsnorm"), dict(dyt_alpha=0.2),
+                                    dict(dyt_alpha_attn=0.8), dict(embed_scale=50.0)])
 def test_resume_that_changes_a_new_site_is_refused(change, small_model_config, tmp_path):
     save_config(small_model_config(), tmp_path / "config.json")
     (tmp_path / "meta.json").write_text(json.dumps({"tokenizer_hash": "h", "num_processes": 1}))

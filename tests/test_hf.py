@@ -251,6 +251,7 @@ UNEXPORTABLE = [  # (our config, what the one line names)
     (dict(norm_position="peri"), "norm positions peri"),
     (dict(logit_softcap=15.0), "logit_softcap (none of these classes soft-caps)"),
     (dict(embed_norm="layernorm"), "embed_norm"),
+    (dict(embed_scale=50.0), "embed_scale"),
     (dict(norm_scaling="layer"), "norm_scaling = 'layer'"),
     (dict(pos_emb="rope", mlp="swiglu"), "norm layernorm (LlamaForCausalLM has rmsnorm only)"),
     (dict(norm="rmsnorm", pos_emb="rope"), "mlp = 'gelu' (LlamaForCausalLM has swiglu)"),

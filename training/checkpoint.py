@@ -47,9 +47,9 @@ WRAPPER_PREFIXES = ("_orig_mod.", "module.")  # added by torch.compile and DDP
 # Keys that change the model's parameters or wiring: a resume may not change them.
 ARCHITECTURE_KEYS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias", "norm", "attn_norm",
                      "mlp_norm", "final_norm", "block_norms", "norm_position", "norm_gain", "prms_fraction",
-                     "qk_norm", "block_positions", "output_norm", "dyt_alpha", "derf_alpha", "n_kv_head", "pos_emb",
+                     "qk_norm", "block_positions", "output_norm", "dyt_alpha", "dyt_alpha_attn", "derf_alpha", "n_kv_head", "pos_emb",
                      "rope_theta", "mlp", "mlp_hidden", "tie_embeddings", "logit_softcap", "embed_norm",
-                     "norm_scaling")
+                     "embed_scale", "norm_scaling")
 
 
 def clean_state_dict(state_dict, tied=True):
