@@ -75,15 +75,22 @@ def recentering(argv):
     run_recentering(args.folder, args.delta_threshold, args.jobs)
 
 
+def pairs(argv):
+    from study.pairs import run_pairs
+    p = ArgumentParser(prog="analyze.py pairs", hint="; " + USAGE)
+    p.add_argument("folder", help="a comparison's out_dir whose variants come in <x>_ln / <x>_rms pairs")
+    run_pairs(p.parse_args(argv).folder)
+
+
 def main():
     from study.probe import run_diagnostics, run_probe
     one_folder = {"probe": run_probe, "diagnostics": run_diagnostics}
     command, rest = (sys.argv[1], sys.argv[2:]) if len(sys.argv) > 1 else (None, [])
-    if command in ("convert", "recentering"):
-        return {"convert": convert, "recentering": recentering}[command](rest)
-    if command == "pairs" and len(rest) == 1:
-        from study.pairs import run_pairs
-        return run_pairs(rest[0])
+    if command in ("convert", "recentering", "pairs"):
+        return {"convert": convert, "recentering": recentering, "pairs": pairs}[command](rest)
+    if command in ("-h", "--help") or any(a in ("-h", "--help") for a in rest):
+        print(__doc__.strip() + "\n\n" + USAGE)
+        return
     if command in one_folder and rest and hf.is_transformers_source(rest[0]):
         return pretrained(command, rest[0], rest[1:])  # a transformers checkpoint folder or hub id
     if command not in one_folder or len(rest) != 1:

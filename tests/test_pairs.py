@@ -62,3 +62,17 @@ def test_a_folder_without_pairs_is_one_line(tmp_path):
     write_study(tmp_path, {"layernorm": {1: 3.5}, "rmsnorm": {1: 3.6}})
     with pytest.raises(UserError, match="no <x>_ln / <x>_rms pair"):
         run_pairs(tmp_path)
+
+
+def test_the_command_line_takes_help_and_a_folder(tmp_path, monkeypatch, capsys):
+    """`analyze.py pairs --help` prints usage (it once read "--help" as the folder's name)."""
+    import sys
+    import analyze
+    monkeypatch.setattr(sys, "argv", ["analyze.py", "pairs", "--help"])
+    with pytest.raises(SystemExit) as e:
+        analyze.main()
+    assert e.value.code == 0 and "folder" in capsys.readouterr().out
+    write_study(tmp_path, {"pre_ln": {1: 3.5, 2: 3.6}, "pre_rms": {1: 3.52, 2: 3.61}})
+    monkeypatch.setattr(sys, "argv", ["analyze.py", "pairs", str(tmp_path)])
+    analyze.main()
+    assert (tmp_path / "pairs.md").exists()
