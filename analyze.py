@@ -8,6 +8,7 @@
                                               the exact LayerNorm -> RMSNorm conversion (study/convert.py)
     python analyze.py recentering <comparison dir> [--delta_threshold 0.01] [--jobs 2]
                                               do norm-input statistics predict the probe's Δ? (study/recentering.py)
+    python analyze.py recentering gpt2 [--key=value ...]   the same for one pretrained model
     python analyze.py pairs <comparison dir>  each <x>_ln / <x>_rms pair, paired by seed (study/pairs.py)
 
 The probe (study/probe.py) flips ONE norm site at a time (LayerNorm loses its mean subtraction, any
@@ -32,17 +33,23 @@ from config import ArgumentParser, UserError, parse_cli_overrides, run_main
 
 USAGE = ("usage: python analyze.py probe|diagnostics <run dir, transformers folder or hub id>  |  "
          "python analyze.py convert <run dir, checkpoint, transformers folder or hub id> --to rmsnorm --out <new run dir>  |  "
-         "python analyze.py recentering <comparison dir> [--delta_threshold NATS] [--jobs N]  |  "
+         "python analyze.py recentering <comparison dir, run dir, transformers folder or hub id> [--delta_threshold NATS] [--jobs N]  |  "
          "python analyze.py pairs <comparison dir>")
 PRETRAINED_DEFAULTS = {"eval_windows": 8, "batch_size": 4}  # CPU-sized for a 100M+ model: GPT-2 124M in ~25-45 min
+
+
+def load_pretrained(source, args):
+    """(model, config) of a transformers checkpoint; outputs go to runs/pretrained/<name> unless --out_dir."""
+    name = Path(source).name if Path(source).exists() else source.replace("/", "--")
+    overrides = {**PRETRAINED_DEFAULTS, "out_dir": str(Path("runs") / "pretrained" / name), **parse_cli_overrides(args)}
+    model, config, _ = hf.load_pretrained(source, overrides=overrides)
+    return model, config
 
 
 def pretrained(command, source, args):
     """`command` on a transformers checkpoint, without a training run."""
     from study.probe import measure_diagnostics, probe_model
-    name = Path(source).name if Path(source).exists() else source.replace("/", "--")
-    overrides = {**PRETRAINED_DEFAULTS, "out_dir": str(Path("runs") / "pretrained" / name), **parse_cli_overrides(args)}
-    model, config, _ = hf.load_pretrained(source, overrides=overrides)
+    model, config = load_pretrained(source, args)
     run = probe_model if command == "probe" else measure_diagnostics
     run(model, config, config.out_dir, source)
 
@@ -67,12 +74,19 @@ def convert(argv):
 def recentering(argv):
     from study.recentering import DELTA_THRESHOLD, run_recentering
     p = ArgumentParser(prog="analyze.py recentering", hint="; " + USAGE)
-    p.add_argument("folder", help="a comparison's out_dir (compare.py), or one run dir")
+    p.add_argument("folder", help="a comparison's out_dir (compare.py), one run dir, or a transformers checkpoint "
+                                  "folder or hub id (then --key=value sets its config, as for probe)")
     p.add_argument("--delta_threshold", type=float, default=DELTA_THRESHOLD,
                    help=f"|Δ val loss| above which a site needs its re-centering state (default {DELTA_THRESHOLD})")
     p.add_argument("--jobs", type=int, default=1, help="worker processes for the probes still to run")
-    args = p.parse_args(argv)
-    run_recentering(args.folder, args.delta_threshold, args.jobs)
+    args, overrides = p.parse_known_args(argv)
+    pretrained = None
+    if hf.is_transformers_source(args.folder):  # e.g. gpt2: one model, probed and measured here
+        model, config = load_pretrained(args.folder, overrides)
+        pretrained = (model, config, args.folder)
+    elif overrides:
+        raise UserError(f"unrecognized arguments: {' '.join(overrides)}" + "; " + USAGE)
+    run_recentering(args.folder, args.delta_threshold, args.jobs, pretrained=pretrained)
 
 
 def pairs(argv):

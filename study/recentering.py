@@ -64,17 +64,27 @@ def gain_rms(module):
 
 def end_statistics(run_dir, model, config, folder):
     """{site: {statistic: value}} at the checkpoint's step."""
-    from model.diagnostics import collect, norm_sites
     from training.checkpoint import read_meta
     from training.runlog import read_diagnostics
     step = read_meta(folder)["step"]
     line = next((d for d in reversed(read_diagnostics(run_dir)) if d.get("step") == step), None)
-    if line is None:  # no diagnostics at that step: measure them on the batch train.py would use
-        from data.batches import validation_batches
-        from data.prepare import prepare_data
-        val = prepare_data(config, log=lambda *a: None).tokens("val")
-        x, _, _ = next(validation_batches(val, config.block_size, config.batch_size, config.batch_size))
-        line = collect(model, x)
+    return statistics_of(model, line or measure_once(model, config))  # none at that step: measured now
+
+
+def measure_once(model, config):
+    """The diagnostics line of model on the batch train.py measures: the first batch of validation windows."""
+    from data.batches import validation_batches
+    from data.prepare import prepare_data
+    from model.diagnostics import collect
+    val = prepare_data(config, log=lambda *a: None).tokens("val")
+    device = next(model.parameters()).device
+    x, _, _ = next(validation_batches(val, config.block_size, config.batch_size, config.batch_size, device=device))
+    return collect(model, x)
+
+
+def statistics_of(model, line):
+    """{site: {statistic: value}} from one diagnostics line, with gained_offset from the model's gains."""
+    from model.diagnostics import norm_sites
     gains = {site: gain_rms(m) for site, m in norm_sites(model)}
     out = {}
     for i, site in enumerate(line["sites"]):
@@ -124,14 +134,23 @@ def gather(folder, jobs=1, log=print):
     for run_dir, info in runs:
         rows = json.loads((run_dir / "probe.json").read_text())
         model, config, checkpoint = load_model(run_dir, log=log)
-        statistics = end_statistics(run_dir, model, config, checkpoint)
-        for r in rows:
-            if r["recenters"] is None or r["site"] not in statistics:  # removals are not centering flips
-                continue
-            records.append({"run": str(run_dir), **info, "site": r["site"], "kind": site_kind(r["site"]),
-                            "norm": r["norm"], "recenters": r["recenters"], "delta": r["delta"],
-                            "abs_delta": abs(r["delta"]), **statistics[r["site"]]})
+        records += site_records(str(run_dir), info, rows, end_statistics(run_dir, model, config, checkpoint))
     return records
+
+
+def gather_pretrained(model, config, name, log=print):
+    """gather() for one model that was not trained here (a transformers checkpoint): its probe and its
+    statistics measured on the first batch of validation windows, written to config.out_dir."""
+    from study.probe import probe_model
+    rows = probe_model(model, config, config.out_dir, name, log=lambda *a: None)
+    return site_records(name, {"variant": name, "seed": None}, rows, statistics_of(model, measure_once(model, config)))
+
+
+def site_records(run, info, rows, statistics):
+    """One record per probe row that flips a site's centering (removals are not centering flips)."""
+    return [{"run": run, **info, "site": r["site"], "kind": site_kind(r["site"]), "norm": r["norm"],
+             "recenters": r["recenters"], "delta": r["delta"], "abs_delta": abs(r["delta"]), **statistics[r["site"]]}
+            for r in rows if r["recenters"] is not None and r["site"] in statistics]
 
 
 def spearman(x, y):
@@ -273,14 +292,21 @@ def markdown(result):
     return "\n".join(lines)
 
 
-def run_recentering(folder, delta_threshold=DELTA_THRESHOLD, jobs=1, seed=0, log=print):
+def run_recentering(folder, delta_threshold=DELTA_THRESHOLD, jobs=1, seed=0, log=print, pretrained=None):
+    """The report for a comparison folder (or one run dir); with pretrained = (model, config, name), for
+    that one model instead, written to config.out_dir."""
     from study import plots
-    folder = Path(folder)
     if not delta_threshold > 0:
         raise UserError(f"--delta_threshold must be > 0 nats, got {delta_threshold}")
     if jobs < 1:
         raise UserError(f"--jobs must be >= 1, got {jobs}")
-    records = gather(folder, jobs, log)
+    if pretrained is not None:
+        model, config, folder = pretrained
+        records = gather_pretrained(model, config, folder, log)
+        folder = Path(config.out_dir)
+    else:
+        folder = Path(folder)
+        records = gather(folder, jobs, log)
     if not records:
         raise UserError(f"{str(folder)!r}: its runs' probes flipped no norm site")
     result = report(records, folder, delta_threshold, np.random.default_rng(seed))

@@ -162,6 +162,22 @@ def test_diagnostics_of_a_transformers_checkpoint(tmp_path, monkeypatch, source)
     assert (tmp_path / "out" / "diagnostics.png").stat().st_size > 0
 
 
+def test_the_recentering_predictor_runs_on_a_transformers_checkpoint(source, tmp_path, monkeypatch):
+    """`analyze.py recentering gpt2`: one pretrained model's probe and input statistics, one record per
+    LayerNorm site, each joined with the probe's Δ for that site."""
+    folder, data = source
+    out = tmp_path / "out"
+    run_analyze(monkeypatch, "recentering", folder, f"--data={data}", f"--cache_dir={tmp_path / 'cache'}",
+                "--block_size=32", "--eval_windows=6", f"--out_dir={out}")
+    report = json.loads((out / "recentering.json").read_text())
+    probe_rows = {r["site"]: r for r in json.loads((out / "probe.json").read_text())}
+    assert [r["site"] for r in report["records"]] == ["block0.attn", "block0.mlp", "block1.attn", "block1.mlp", "final"]
+    for r in report["records"]:
+        assert r["norm"] == "LayerNorm" and r["recenters"] is True and r["delta"] == probe_rows[r["site"]]["delta"]
+        assert 0 <= r["mean_share"] <= 1 and r["input_rms"] > 0
+    assert report["n_runs"] == 1 and (out / "recentering.png").stat().st_size > 0
+
+
 def test_sampling_a_transformers_checkpoint_is_its_greedy_continuation(source):
     folder, _ = source
     out = io.StringIO()
