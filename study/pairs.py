@@ -18,6 +18,8 @@ import numpy as np
 from scipy import stats
 
 from config import UserError
+from study.report import fmt
+from training.runlog import read_diagnostics
 
 ALPHA, POWER = 0.05, 0.8
 
@@ -33,8 +35,8 @@ def run_extremes(run_dir):
     run_dir = Path(run_dir)
     probe = json.loads((run_dir / "probe.json").read_text()) if (run_dir / "probe.json").is_file() else []
     flips = [abs(r["delta"]) for r in probe if r.get("recenters") is not None]
-    lines = (run_dir / "diagnostics.jsonl").read_text().splitlines() if (run_dir / "diagnostics.jsonl").is_file() else []
-    share = max(json.loads(lines[-1])["mean_share"]) if lines else None
+    lines = read_diagnostics(run_dir)
+    share = max(lines[-1]["mean_share"]) if lines else None
     return (max(flips) if flips else None), share
 
 
@@ -75,10 +77,6 @@ def verdict(row):
     if low <= 0 <= high:
         return f"not distinguishable (a true d of ±{row['detectable']:.3f} is found 80% of the time)"
     return "RMSNorm lower (better)" if row["mean_diff"] < 0 else "LayerNorm lower (better)"
-
-
-def fmt(value, spec):
-    return "–" if value is None else format(value, spec)
 
 
 def markdown(rows, folder):

@@ -155,16 +155,22 @@ def measure_diagnostics(model, config, out_dir, name, log=print):
     on the first batch_size validation windows -> out_dir/diagnostics.jsonl (one line, step 0) and
     diagnostics.png; `analyze.py diagnostics out_dir` redraws them."""
     out_dir = Path(out_dir)
-    device = Accelerator(cpu=config.device == "cpu").device
-    data = prepare_data(config, log=lambda *a: None)
-    x, _, _ = next(validation_batches(data.tokens("val"), config.block_size, config.batch_size, config.batch_size,
-                                      device=device))
-    row = {"step": 0, **collect(model.to(device), x), "grad_norm": None}
+    model.to(Accelerator(cpu=config.device == "cpu").device)
+    row = {"step": 0, **measure_once(model, config), "grad_norm": None}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / DIAGNOSTICS).write_text(json.dumps(row) + "\n")
     plots.plot_diagnostics([row], out_dir / "diagnostics.png", f"{name}: {config.batch_size} windows of {config.block_size}")
     log(f"written: {out_dir / DIAGNOSTICS}, {out_dir / 'diagnostics.png'}")
     return row
+
+
+def measure_once(model, config):
+    """The diagnostics line of model on the batch train.py measures: the first batch_size validation
+    windows, on the model's device."""
+    device = next(model.parameters()).device
+    val = prepare_data(config, log=lambda *a: None).tokens("val")
+    x, _, _ = next(validation_batches(val, config.block_size, config.batch_size, config.batch_size, device=device))
+    return collect(model, x)
 
 
 def run_diagnostics(run_dir, log=print):

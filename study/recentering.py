@@ -25,6 +25,7 @@ import numpy as np
 from scipy import stats as scipy_stats
 
 from config import UserError
+from study.report import fmt
 
 STATISTICS = ("mean_share", "offset_ratio", "input_rms", "gained_offset")
 # A site "needs its re-centering state" when flipping it moves the val loss by more than this (nats):
@@ -64,22 +65,12 @@ def gain_rms(module):
 
 def end_statistics(run_dir, model, config, folder):
     """{site: {statistic: value}} at the checkpoint's step."""
+    from study.probe import measure_once
     from training.checkpoint import read_meta
     from training.runlog import read_diagnostics
     step = read_meta(folder)["step"]
     line = next((d for d in reversed(read_diagnostics(run_dir)) if d.get("step") == step), None)
     return statistics_of(model, line or measure_once(model, config))  # none at that step: measured now
-
-
-def measure_once(model, config):
-    """The diagnostics line of model on the batch train.py measures: the first batch of validation windows."""
-    from data.batches import validation_batches
-    from data.prepare import prepare_data
-    from model.diagnostics import collect
-    val = prepare_data(config, log=lambda *a: None).tokens("val")
-    device = next(model.parameters()).device
-    x, _, _ = next(validation_batches(val, config.block_size, config.batch_size, config.batch_size, device=device))
-    return collect(model, x)
 
 
 def statistics_of(model, line):
@@ -138,10 +129,10 @@ def gather(folder, jobs=1, log=print):
     return records
 
 
-def gather_pretrained(model, config, name, log=print):
+def gather_pretrained(model, config, name):
     """gather() for one model that was not trained here (a transformers checkpoint): its probe and its
     statistics measured on the first batch of validation windows, written to config.out_dir."""
-    from study.probe import probe_model
+    from study.probe import measure_once, probe_model
     rows = probe_model(model, config, config.out_dir, name, log=lambda *a: None)
     return site_records(name, {"variant": name, "seed": None}, rows, statistics_of(model, measure_once(model, config)))
 
@@ -236,10 +227,6 @@ def held_out(records, statistic, delta_threshold):
     return out
 
 
-def fmt(value, spec=".3f"):
-    return "–" if value is None else format(value, spec)
-
-
 def report(records, folder, delta_threshold, rng):
     """The correlations (pooled and per flip direction) and the held-out checks, as a dict."""
     groups = {"all sites": records,
@@ -281,8 +268,8 @@ def markdown(result):
     for h in result["held_out"]:
         for f in h["folds"]:
             lines.append(f"| {h['statistic']} | {h['split']} | {f['n_fit']} ({f['positives_fit']}) → {f['n_test']} "
-                         f"({f['positives_test']}) | {fmt(f['threshold'], '.3g')} | {fmt(f.get('accuracy'))} "
-                         f"| {fmt(f.get('balanced_accuracy'))} | {f['always_no_accuracy']:.3f} |")
+                         f"({f['positives_test']}) | {fmt(f['threshold'], '.3g')} | {fmt(f.get('accuracy'), '.3f')} "
+                         f"| {fmt(f.get('balanced_accuracy'), '.3f')} | {f['always_no_accuracy']:.3f} |")
     lines += ["", "## Largest flips", "", "| run | site | norm | Δ val loss | mean_share | offset_ratio | gained_offset |",
               "|---|---|---|---|---|---|---|"]
     for r in result["largest"]:
@@ -301,8 +288,8 @@ def run_recentering(folder, delta_threshold=DELTA_THRESHOLD, jobs=1, seed=0, log
     if jobs < 1:
         raise UserError(f"--jobs must be >= 1, got {jobs}")
     if pretrained is not None:
-        model, config, folder = pretrained
-        records = gather_pretrained(model, config, folder, log)
+        model, config, name = pretrained
+        records = gather_pretrained(model, config, name)
         folder = Path(config.out_dir)
     else:
         folder = Path(folder)
