@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model.layers import MLP, CausalSelfAttention, Rotary, mlp_hidden_size
-from model.norms import check_model_config, make_norm, resolve_block_positions, resolve_norm_stack
+from model.norms import check_model_config, make_norm, norm_names_used, resolve_block_positions, resolve_norm_stack
 
 
 class Block(nn.Module):
@@ -150,7 +150,7 @@ class GPT(nn.Module):
         if c.embed_norm:
             lines.insert(1, f"  embed: {c.embed_norm}")
         lines.append(f"  final: {final}")
-        used = {n for pair in blocks for n in pair} | {final, c.qk_norm, c.output_norm, c.embed_norm}
+        used = norm_names_used(c, blocks, final)
         if "dyt" in used:
             lines.append(f"  dyt: alpha initialised to {c.dyt_alpha}"
                          + (f", {c.dyt_alpha_attn} at the attention norms" if c.dyt_alpha_attn else ""))

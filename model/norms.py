@@ -298,6 +298,11 @@ def resolve_norm_stack(config):
     return blocks, final
 
 
+def norm_names_used(config, blocks, final):
+    """Every norm name the stack puts at some site ("" for an absent optional site)."""
+    return {n for pair in blocks for n in pair} | {final, config.qk_norm, config.output_norm, config.embed_norm}
+
+
 def check_model_config(config):
     """The checks of a config that need the registry (config.py imports no project module). Call it
     before any data is prepared, so that a bad norm stack fails in the first second."""
@@ -307,7 +312,7 @@ def check_model_config(config):
         check_norm_name(config.qk_norm, "qk_norm")
     if config.embed_norm:
         check_norm_name(config.embed_norm, "embed_norm")
-    used = {n for pair in blocks for n in pair} | {final, config.qk_norm, config.output_norm, config.embed_norm}
+    used = norm_names_used(config, blocks, final)
     if "seednorm" in used and not config.norm_gain:
         raise UserError("seednorm with norm_gain = false learns nothing and is rmsnorm without a gain; "
                         "use norm_gain = true, or rmsnorm")
