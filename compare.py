@@ -227,7 +227,7 @@ def _run_locked(row, config, target, worker, log):
     else:
         keys = ["final_val_loss", "final_val_bpb", "best_val_loss", "final_train_loss", "tokens_per_s", "wall_seconds", "steps",
                 "n_params", "corpus_hash"]
-        row.update({k: result.get(k) for k in keys}, time_to_target_s=time_to_target(metrics, target))
+        row.update({k: result[k] for k in keys}, time_to_target_s=time_to_target(metrics, target))
         log(f"[{variant} seed {seed}] val loss {row['final_val_loss']:.4f}, {row['tokens_per_s']:,.0f} tokens/s")
     write_atomic(run_dir / "result.json", json.dumps({"row": row, "config": config.to_dict()}, indent=1))
     return row
