@@ -2,7 +2,8 @@
 
     python analyze.py probe <run dir>         re-centering probe: which norm sites depend on mean subtraction?
     python analyze.py diagnostics <run dir>   heatmaps of the run's diagnostics.jsonl (config.diagnostics)
-    python analyze.py probe gpt2 [--block_size=1024 --eval_windows=8 --data=stdlib --out_dir=...]
+    python analyze.py probe gpt2 [--block_size=512 --eval_windows=8 --data=stdlib --out_dir=...]
+    python analyze.py probe smollm2-135m-instruct-q4     a .gguf file or a packaged model (hf/gguf.py)
     python analyze.py diagnostics <transformers folder or hub id> [--key=value ...]
     python analyze.py convert <run dir, checkpoint, transformers folder or hub id> --to rmsnorm --out <new run dir>
                                               the exact LayerNorm -> RMSNorm conversion (study/convert.py)
@@ -20,38 +21,46 @@ convert centers every writer of each LayerNorm's input so that it sees zero-mean
 LayerNorm and RMSNorm are one function (Jiang et al. 2023), and writes a run folder with the same
 logits (checked on random tokens and the validation windows) that samples, probes and resumes.
 
-A transformers checkpoint folder or hub id (hf/) is evaluated on config's data (the embedded corpus
-unless --data says otherwise) encoded with the checkpoint's own tokenizer; --key=value sets any config
-key: block_size (the context, at most the checkpoint's), eval_windows, batch_size, data, out_dir (the
-outputs; default runs/pretrained/<name>). diagnostics measures the model once on batch_size windows.
+A pretrained model (a transformers checkpoint folder, hub id, .gguf file or packaged model: hf/sources.py)
+is evaluated on config's data (the embedded corpus unless --data says otherwise) encoded with its own
+tokenizer; --key=value sets any config key: block_size (the context: 512 unless given, at most the
+checkpoint's), eval_windows, batch_size, data, out_dir (the outputs; default runs/pretrained/<name>).
+For a run, --eval_windows and --batch_size may be set. diagnostics measures a pretrained model once on
+batch_size windows; for a run it redraws the diagnostics.jsonl its training wrote.
 """
 import sys
 from pathlib import Path
 
-import hf
 from config import ArgumentParser, UserError, parse_cli_overrides, run_main
+from hf.sources import is_pretrained, load_source, output_name
 
-USAGE = ("usage: python analyze.py probe|diagnostics <run dir, transformers folder or hub id>  |  "
-         "python analyze.py convert <run dir, checkpoint, transformers folder or hub id> --to rmsnorm --out <new run dir>  |  "
-         "python analyze.py recentering <comparison dir, run dir, transformers folder or hub id> [--delta_threshold NATS] [--jobs N]  |  "
+USAGE = ("usage: python analyze.py probe|diagnostics <run dir, transformers folder, hub id or .gguf file>  |  "
+         "python analyze.py convert <run dir, checkpoint, transformers folder, hub id or .gguf file> --to rmsnorm --out <new run dir>  |  "
+         "python analyze.py recentering <comparison dir, run dir, transformers folder, hub id or .gguf file> [--delta_threshold NATS] [--jobs N]  |  "
          "python analyze.py pairs <comparison dir>")
 PRETRAINED_DEFAULTS = {"eval_windows": 8, "batch_size": 4}  # CPU-sized for a 100M+ model: GPT-2 124M in ~25-45 min
 
 
-def load_pretrained(source, args):
-    """(model, config) of a transformers checkpoint; outputs go to runs/pretrained/<name> unless --out_dir."""
-    name = Path(source).name if Path(source).exists() else source.replace("/", "--")
-    overrides = {**PRETRAINED_DEFAULTS, "out_dir": str(Path("runs") / "pretrained" / name), **parse_cli_overrides(args)}
-    model, config, _ = hf.load_pretrained(source, overrides=overrides)
-    return model, config
+def load(source, args, defaults=PRETRAINED_DEFAULTS):
+    """The Source of a run or pretrained model; a pretrained one's outputs go to runs/pretrained/<name>
+    unless --out_dir says otherwise."""
+    overrides = parse_cli_overrides(args)
+    if is_pretrained(source):
+        overrides = {**defaults, "out_dir": str(Path("runs") / "pretrained" / output_name(source)), **overrides}
+    return load_source(source, overrides=overrides)
 
 
-def pretrained(command, source, args):
-    """`command` on a transformers checkpoint, without a training run."""
-    from study.probe import measure_diagnostics, probe_model
-    model, config = load_pretrained(source, args)
+def probe_or_diagnostics(command, source, args):
+    from study.probe import measure_diagnostics, probe_model, run_diagnostics
+    if command == "diagnostics" and not is_pretrained(source):
+        if args:
+            raise UserError(f"analyze.py diagnostics {source}: a run's diagnostics are redrawn from its "
+                            f"diagnostics.jsonl; --key=value applies to a pretrained source")
+        return run_diagnostics(source)  # what its training measured, redrawn
+    loaded = load(source, args)
+    out_dir = loaded.config.out_dir if loaded.origin == "pretrained" else source
     run = probe_model if command == "probe" else measure_diagnostics
-    run(model, config, config.out_dir, source)
+    run(loaded.model, loaded.config, out_dir, loaded.label)
 
 
 def convert(argv):
@@ -63,12 +72,7 @@ def convert(argv):
     p.add_argument("--out", required=True, help="the converted run folder (new)")
     p.add_argument("--windows", type=int, default=0, help="validation windows the logits are checked on (0 = all)")
     args, overrides = p.parse_known_args(argv)
-    pretrained = None
-    if hf.is_transformers_source(args.source):  # e.g. gpt2: its own LayerNorms, converted exactly
-        pretrained = hf.load_pretrained(args.source, overrides={"eval_windows": 8, **parse_cli_overrides(overrides)})
-    elif overrides:
-        raise UserError(f"unrecognized arguments: {' '.join(overrides)}" + "; " + USAGE)
-    run_convert(args.source, args.to, args.out, args.windows, pretrained=pretrained)
+    run_convert(load(args.source, overrides, {"eval_windows": 8}), args.to, args.out, args.windows)
 
 
 def recentering(argv):
@@ -81,9 +85,9 @@ def recentering(argv):
     p.add_argument("--jobs", type=int, default=1, help="worker processes for the probes still to run")
     args, overrides = p.parse_known_args(argv)
     pretrained = None
-    if hf.is_transformers_source(args.folder):  # e.g. gpt2: one model, probed and measured here
-        model, config = load_pretrained(args.folder, overrides)
-        pretrained = (model, config, args.folder)
+    if is_pretrained(args.folder):  # e.g. gpt2: one model, probed and measured here
+        loaded = load(args.folder, overrides)
+        pretrained = (loaded.model, loaded.config, loaded.label)
     elif overrides:
         raise UserError(f"unrecognized arguments: {' '.join(overrides)}" + "; " + USAGE)
     run_recentering(args.folder, args.delta_threshold, args.jobs, pretrained=pretrained)
@@ -97,19 +101,15 @@ def pairs(argv):
 
 
 def main():
-    from study.probe import run_diagnostics, run_probe
-    one_folder = {"probe": run_probe, "diagnostics": run_diagnostics}
     command, rest = (sys.argv[1], sys.argv[2:]) if len(sys.argv) > 1 else (None, [])
     if command in ("convert", "recentering", "pairs"):
         return {"convert": convert, "recentering": recentering, "pairs": pairs}[command](rest)
     if command in ("-h", "--help") or any(a in ("-h", "--help") for a in rest):
         print(__doc__.strip() + "\n\n" + USAGE)
         return
-    if command in one_folder and rest and hf.is_transformers_source(rest[0]):
-        return pretrained(command, rest[0], rest[1:])  # a transformers checkpoint folder or hub id
-    if command not in one_folder or len(rest) != 1:
+    if command not in ("probe", "diagnostics") or not rest or rest[0].startswith("--"):
         raise UserError(USAGE)
-    one_folder[command](rest[0])
+    probe_or_diagnostics(command, rest[0], rest[1:])
 
 
 if __name__ == "__main__":

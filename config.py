@@ -15,6 +15,10 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 
+def key(default, *tags, help=""):
+    return dataclasses.field(default=default, metadata={"tags": frozenset(tags), "help": help})
+
+
 TRACKERS = ("tensorboard", "wandb", "trackio", "mlflow")  # accelerate's trackers that train.py knows how to name
 
 
@@ -77,6 +81,10 @@ class Config:
     hf_revision: str = ""         # a hub dataset's git revision (part of the cache key; "" = latest)
     tokenizer: str = ""           # path to an existing tokenizer.json ("" = train byte-level BPE)
     eod_token: str = ""           # the given tokenizer's end-of-document token ("" = find it among its special tokens)
+    doc_windows: bool = key(False, "data", "evaluation",
+                            help="validation windows start where documents start, each with the end-of-document "
+                                 "token first, not at evenly spaced offsets; set from a pretrained checkpoint whose "
+                                 "tokenizer starts every text with <bos> (Gemma), whose eod_token is then <bos>")
     tokenizer_train_bytes: int = 200_000_000  # BPE is trained on the first this-many bytes of the training split
     prepare_workers: int = 0      # tokenizer processes when preparing data (0 = one per CPU)
     val_fraction: float = 0.05    # share of documents held out for validation
@@ -152,6 +160,9 @@ class Config:
             raise UserError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({kv_heads})")
         if self.pos_emb == "rope" and (self.n_embd // self.n_head) % 2:
             raise UserError(f"pos_emb = 'rope' needs an even head size; n_embd / n_head = {self.n_embd // self.n_head}")
+        if self.doc_windows and not self.tokenizer:
+            raise UserError("doc_windows = true needs a given tokenizer (tokenizer = a tokenizer.json) whose "
+                            "eod_token starts each document; a pretrained source sets both")
         for name in self.tracker_names():
             if name not in TRACKERS:
                 raise UserError(f"trackers: {name!r} is not a tracker; choose from {', '.join(TRACKERS)}")

@@ -2,6 +2,7 @@
 
     python sample.py runs/default --prompt "def " --num_samples 3 --max_new_tokens 200
     python sample.py gpt2 --prompt "def "      a transformers checkpoint folder or hub id (hf/)
+    python sample.py smollm2-135m-instruct-q4   a .gguf file or a packaged model (hf/gguf.py)
 """
 import sys
 from pathlib import Path
@@ -9,17 +10,16 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-import hf
-from training.checkpoint import TOKENIZER, load_model, read_meta
 from config import ArgumentParser, UserError, run_main
-from data.prepare import file_sha256
 from data.tokenizer import end_of_document
+from hf.sources import load_source
 
 
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__.strip().splitlines()[0])
-    p.add_argument("run", help="a run dir (its latest checkpoint is used), a checkpoint folder, or a transformers "
-                                "checkpoint folder or hub id")
+    p.add_argument("run", help="a run dir (its latest checkpoint is used), a checkpoint folder, a transformers "
+                                "checkpoint folder or hub id, a .gguf file or a packaged model (smollm2-135m-instruct-q4, "
+                                "gemma3-270m-q4)")
     p.add_argument("--prompt", default="", help="text to continue (default: start of a document)")
     p.add_argument("--prompt_file", help="read the prompt from this file")
     p.add_argument("--num_samples", type=int, default=3)
@@ -89,31 +89,17 @@ class StreamingDecoder:
             self.printed = len(text)
 
 
-def load_for_sampling(args):
-    """(model, config, tokenizer file) of a run or checkpoint, its tokenizer checked against it, or of a
-    transformers checkpoint folder or hub id (hf/), with that checkpoint's own tokenizer."""
-    if hf.is_transformers_source(args.run):
-        if args.tokenizer:
-            raise UserError("--tokenizer: a transformers checkpoint samples with its own tokenizer; leave it out")
-        model, config, tokenizer_file = hf.load_pretrained(args.run, args.device)
-        return model, config, Path(tokenizer_file)
-    model, config, folder = load_model(args.run, args.device)
-    tokenizer_file = Path(args.tokenizer or folder / TOKENIZER)
-    if not tokenizer_file.is_file():
-        raise UserError(f"tokenizer {str(tokenizer_file)!r} {'is a folder' if tokenizer_file.is_dir() else 'does not exist'}; "
-                        f"give a tokenizer.json file")
-    if file_sha256(tokenizer_file) != read_meta(folder).get("tokenizer_hash"):
-        raise UserError(f"tokenizer {str(tokenizer_file)!r} is not the one checkpoint {str(folder)!r} was trained with")
-    return model, config, tokenizer_file
-
-
 def generate_samples(args, out=None):
     out = out or sys.stdout
-    model, config, tokenizer_file = load_for_sampling(args)
-    tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    source = load_source(args.run, args.device, tokenizer=args.tokenizer)
+    model, config = source.model, source.config
+    if source.quantization:
+        print(f"{source.label}", file=sys.stderr)
+    tokenizer = Tokenizer.from_file(str(source.tokenizer))
     prompt = read_prompt(args)
     ids = tokenizer.encode(prompt, add_special_tokens=False).ids if prompt else []
-    ids = [end_of_document(tokenizer, config.eod_token)[1]] + ids  # samples start as a fresh document
+    # samples start as a fresh document: after an end-of-document token, or (doc_windows: Gemma) with <bos>
+    ids = [end_of_document(tokenizer, config.eod_token)[1]] + ids
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     samples = []
     for i in range(args.num_samples):

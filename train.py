@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 import hf
 from config import UserError, check_folder, load_config, run_main
-from data.batches import TrainBatches, validation_batches
+from data.batches import TrainBatches
 from data.prepare import check_data_size, prepare_data
 from data.tokenizer import token_byte_lengths
 from model import GPT, check_model_config
@@ -30,7 +30,7 @@ from training.checkpoint import (Counters, check_resumable, list_checkpoints, lo
                                  newest_intact_checkpoint, save_checkpoint, track_training_state)
 from training.distributed import (check_shared_run_folder, decided_on_main, held_by_main_process, make_accelerator,
                                   release_accelerator)
-from training.evaluation import evaluate_loss_and_bpb
+from training.evaluation import evaluate_loss_and_bpb, first_validation_batch
 from training.runlog import RunLog, run_folder_lock
 
 
@@ -115,8 +115,7 @@ def _train(config, resume, log, accelerator):
     diagnostics = None
     if config.diagnostics:
         # one batch of fixed validation windows, spread over the whole validation split
-        x, _, _ = next(validation_batches(val_tokens, config.block_size, config.batch_size, config.batch_size,
-                                          device=accelerator.device))
+        x = first_validation_batch(val_tokens, config, accelerator.device)
         diagnostics = Diagnostics(accelerator.unwrap_model(model), x)
     if config.tracker_names():
         start_trackers(accelerator, config, counters.step)

@@ -57,17 +57,23 @@ def windows(tokens, offsets, block_size, device="cpu"):
     return batch[:, :-1], batch[:, 1:]
 
 
-def validation_offsets(n_tokens, block_size, n_windows):
+def validation_offsets(tokens, block_size, n_windows, start_token=None):
     """A FIXED set of window starts spread evenly over the validation tokens: the same every eval
-    and in every run on the same data, whatever the seed."""
-    high = n_tokens - block_size - 1
+    and in every run on the same data, whatever the seed. With start_token (config.doc_windows), the
+    starts are spread evenly over the positions of that token instead, so that each window starts
+    with it and the document it begins (where the tokens hold none, evenly as without)."""
+    high = len(tokens) - block_size - 1
+    if start_token is not None:
+        starts = np.flatnonzero(np.asarray(tokens[:max(high, 0) + 1]) == start_token)
+        if len(starts):
+            return starts[np.linspace(0, len(starts) - 1, n_windows).round().astype(np.int64)]
     return np.linspace(0, max(high, 0), n_windows).round().astype(np.int64)
 
 
 IGNORE = -100  # a target that cross_entropy leaves out of the loss (its default ignore_index)
 
 
-def validation_batches(tokens, block_size, batch_size, n_windows, rank=0, world_size=1, device="cpu"):
+def validation_batches(tokens, block_size, batch_size, n_windows, rank=0, world_size=1, device="cpu", start_token=None):
     """This process's share of the fixed validation windows, as (x, y, n_real) batches.
 
     Every process gets the same number of batches of the same shape, whatever n_windows and
@@ -75,8 +81,8 @@ def validation_batches(tokens, block_size, batch_size, n_windows, rank=0, world_
     the others waiting). Round r hands each process `rows` consecutive windows, at most batch_size;
     the last round may leave a process short, so its batch is padded with copies of the first window
     whose targets are IGNORE, and n_real says how many rows are real. The windows do not depend on
-    batch size or process count."""
-    offsets = validation_offsets(len(tokens), block_size, n_windows)
+    batch size or process count. start_token: see validation_offsets."""
+    offsets = validation_offsets(tokens, block_size, n_windows, start_token)
     start = 0
     while start < n_windows:
         rows = min(batch_size, -(-(n_windows - start) // world_size))  # ceil: no process idles early

@@ -1,5 +1,6 @@
 """The tokenizer: byte-level BPE trained on a bounded sample of the training split, or an existing
 tokenizer.json (e.g. GPT-2's) used exactly as given. Either way one token marks the end of a document."""
+import functools
 import json
 import os
 import sys
@@ -98,3 +99,14 @@ def token_byte_lengths(tokenizer):
         else:
             lengths[token_id] = len(tokenizer.decode([token_id]).encode("utf-8"))
     return lengths
+
+
+@functools.lru_cache(maxsize=8)
+def document_start_token(tokenizer_path, eod_token):
+    return end_of_document(Tokenizer.from_file(tokenizer_path), eod_token, where=f"tokenizer {tokenizer_path!r}")[1]
+
+
+def window_start_token(config):
+    """The token every validation window starts with under config.doc_windows (the end-of-document
+    token, which comes first in each document of such a corpus), else None."""
+    return document_start_token(config.tokenizer, config.eod_token) if config.doc_windows else None

@@ -15,6 +15,7 @@ from config import UserError, check_folder
 from data.tokenizer import end_of_document
 from hf.families import CLASSES, export_family, export_state, hf_config_values
 from hf.load import require_transformers
+from model.gpt import load_exactly
 from training.checkpoint import TOKENIZER, load_model
 
 CONFIG_CLASSES = {"gpt2": "GPT2Config", "llama": "LlamaConfig", "qwen3": "Qwen3Config"}
@@ -40,11 +41,8 @@ def to_transformers(model, config, eod_id, where="the model"):
     for key, value in expected.items():
         if key not in state and is_identity(key, config):
             state[key] = torch.zeros_like(value) if key.endswith(".bias") else torch.ones_like(value)
-    missing, unexpected = hf_model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not (config.tie_embeddings and k == "lm_head.weight")]
-    if missing or unexpected:
-        raise UserError(f"cannot export {where}: weights do not fit {CLASSES[kind]}: missing {missing[:3]}, "
-                        f"unexpected {unexpected[:3]}")
+    load_exactly(hf_model, state, f"cannot export {where} as {CLASSES[kind]}",
+                 tied=("lm_head.weight",) if config.tie_embeddings else ())
     hf_model.generation_config = transformers.GenerationConfig(bos_token_id=eod_id, eos_token_id=eod_id,
                                                                pad_token_id=eod_id)
     return kind, hf_model

@@ -11,17 +11,23 @@ the bias of the Linear that reads the norm's output (exact: W(g*x + b) + c = W(g
 no such Linear follows (the final norm: lm_head has no bias) the change is refused.
 """
 import json
+import os
 import re
+import socket
 from dataclasses import replace
+from urllib.parse import urlparse
 from pathlib import Path
 
 import torch
 
 from config import Config, UserError, apply_overrides
 from hf.families import config_from_hf, import_state
+from hf.gguf import PACKAGED, dequantized_folder, is_gguf
+from model.gpt import load_exactly
 from model.norms import check_model_config, make_norm, resolve_norm_stack
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+LOCAL_SUFFIXES = (".gguf", ".json", ".safetensors", ".bin", ".toml", ".pt")  # a name ending so is a file, not a hub id
 NORM_KEYS = ("norm", "qk_norm")  # imported keys a user may change (attn_norm, mlp_norm, ... are not imported)
 READERS = {"ln_1": ["attn.c_attn"], "ln_2": ["mlp.c_fc", "mlp.c_up"]}  # the Linears that read a block norm's output
 
@@ -46,25 +52,82 @@ def read_json(path):
 
 
 def is_transformers_source(path):
-    """Whether `path` names a transformers checkpoint: a folder whose config.json has a model_type, or,
-    where nothing local has that name, a hub id (unless a folder above it exists: a mistyped path)."""
+    """Whether `path` names a pretrained checkpoint: a folder whose config.json has a model_type, a GGUF
+    file or packaged model (hf/gguf.py), or, where nothing local has that name, a hub id (unless it
+    looks like a local path: a mistyped path)."""
     p = Path(path)
+    if is_gguf(path):
+        return True
     if p.exists():
         return p.is_dir() and "model_type" in read_json(p / "config.json")
-    return bool(HUB_ID.fullmatch(str(path))) and (p.parent == Path(".") or not p.parent.exists())
+    return not looks_local(path)
+
+
+def looks_local(source):
+    """Whether a name that exists nowhere here can only be meant as a local path, never a hub id
+    ("user/model"): it starts like a path, has more than one "/", ends like a file, or a folder above it exists."""
+    s, parent = str(source), Path(source).parent
+    return (not HUB_ID.fullmatch(s) or s.startswith((".", "~")) or s.count("/") > 1 or s.endswith(LOCAL_SUFFIXES)
+            or (parent != Path(".") and parent.exists()))
+
+
+def hub_reachable():
+    """Whether the Hugging Face hub answers at all (one connection, a few seconds at most; at once
+    where the name does not resolve), so that an offline machine is told so instead of retrying."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    from huggingface_hub import constants
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=3).close()
+        return True
+    except OSError:
+        return False
+
+
+def cached_snapshot(hub_id):
+    """The local folder of a hub id already downloaded into the hub cache, or None."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+        path = try_to_load_from_cache(hub_id, "config.json")
+    except Exception:  # no huggingface_hub, or a name it rejects
+        return None
+    return str(Path(path).parent) if isinstance(path, str) else None
+
+
+def locate(source, log=print):
+    """Where the pretrained checkpoint `source` is read from: a local folder (for a GGUF file or packaged
+    model its dequantized folder in the cache; for a hub id already downloaded its snapshot) or, where the
+    hub answers, the hub id. Otherwise a one-line UserError at once, the hub never asked."""
+    if is_gguf(source):
+        return str(dequantized_folder(source, log))
+    check_source(source)
+    if Path(source).exists():
+        return str(source)
+    snapshot = cached_snapshot(str(source))
+    if snapshot:
+        return snapshot
+    if not hub_reachable():
+        raise UserError(f"no folder {str(source)!r} here, and no hub to ask: as a hub id it needs the Hugging Face "
+                        f"hub, which this machine cannot reach; where it can, save the model and its tokenizer "
+                        f"(AutoModelForCausalLM / AutoTokenizer .from_pretrained({str(source)!r}).save_pretrained"
+                        f"(folder)) and give that folder, or give a .gguf file or a packaged model "
+                        f"({', '.join(PACKAGED)})")
+    return str(source)
 
 
 def check_source(source):
     p = Path(source)
     if p.exists() and not p.is_dir():
-        raise UserError(f"init_from {source!r} is a file; give a transformers checkpoint folder or a hub id")
+        raise UserError(f"{str(source)!r} is a file; give a transformers checkpoint folder, a hub id or a .gguf file")
     if p.is_dir() and "model_type" not in read_json(p / "config.json"):
         ours = (p / "checkpoints").is_dir() or "norm" in read_json(p / "config.json")
-        raise UserError(f"init_from {source!r} is " + ("a normgpt run or checkpoint: resume it with --resume, or "
+        raise UserError(f"{str(source)!r} is " + ("a normgpt run or checkpoint: resume it with --resume, or "
                         "export it with export.py first" if ours else "not a transformers checkpoint (no config.json "
                         "with a model_type)"))
-    if not p.exists() and not is_transformers_source(source):
-        raise UserError(f"init_from {source!r} does not exist; give a transformers checkpoint folder or a hub id")
+    if not p.exists() and looks_local(source):
+        raise UserError(f"{str(source)!r} does not exist; give a run dir, a checkpoint folder, a transformers "
+                        f"folder, a hub id, a .gguf file or a packaged model ({', '.join(PACKAGED)})")
 
 
 def first_line(e):
@@ -72,8 +135,7 @@ def first_line(e):
 
 
 def checkpoint_config(source):
-    """(family, {our config key: value}) of a transformers checkpoint's config.json."""
-    check_source(source)
+    """(family, {our config key: value}) of a transformers checkpoint's config.json (source: as locate gives it)."""
     transformers = require_transformers(f"{source!r} is a transformers checkpoint: reading it")
     try:
         hf = transformers.AutoConfig.from_pretrained(source)
@@ -114,6 +176,19 @@ def checkpoint_tokenizer(source):
     return path, ""  # data/tokenizer.py's end_of_document looks among its special tokens
 
 
+def bos_first(source, tokenizer_path):
+    """The <bos> token a checkpoint's tokenizer puts before every text (tokenizer_config.json's
+    add_bos_token: Gemma), or "" for one that adds none. Such a model was trained on documents that
+    start with it, and without it continues text badly."""
+    values = read_json(checkpoint_file(source, "tokenizer_config.json"))
+    bos = values.get("bos_token")
+    bos = bos.get("content") if isinstance(bos, dict) else bos
+    from tokenizers import Tokenizer
+    if values.get("add_bos_token") is True and isinstance(bos, str) and Tokenizer.from_file(tokenizer_path).token_to_id(bos) is not None:
+        return bos
+    return ""
+
+
 def agrees(key, mine, theirs, config):
     if key == "n_kv_head":
         return (mine or config.n_head) == (theirs or config.n_head)
@@ -128,8 +203,9 @@ def resolve_init_from(config):
     if not config.init_from:
         return config
     source = config.init_from
-    kind, keys = checkpoint_config(source)
-    keys["tokenizer"], eos = checkpoint_tokenizer(source)
+    where = locate(source)
+    kind, keys = checkpoint_config(where)
+    keys["tokenizer"], eos = checkpoint_tokenizer(where)
     defaults, resolved, conflicts = Config(), {}, []
     for key, theirs in keys.items():
         mine = getattr(config, key)
@@ -142,7 +218,10 @@ def resolve_init_from(config):
     if conflicts:
         raise UserError(f"init_from {source!r}: the config contradicts the checkpoint: {', '.join(conflicts)}; "
                         f"leave these keys out, they come from the checkpoint")
-    if not config.eod_token:
+    bos = bos_first(where, keys["tokenizer"])
+    if not config.eod_token and bos:  # documents separated by <bos> start with it; windows and prompts start there
+        resolved.update(eod_token=bos, doc_windows=True)
+    elif not config.eod_token:
         resolved["eod_token"] = eos
     config = check_model_config(apply_overrides(config, resolved).validate())
     norm_changes(source_config(config, keys), config)  # an unsupported change fails now, before data is prepared
@@ -208,9 +287,10 @@ def load_transformers_model(source):
 @torch.no_grad()
 def load_init_weights(model, config, log=print):
     """Copy the weights of the checkpoint config.init_from into `model` (a GPT(config), config resolved)."""
-    kind, keys = checkpoint_config(config.init_from)
+    where = locate(config.init_from, log)
+    kind, keys = checkpoint_config(where)
     source = source_config(config, keys)
-    theirs = {k: v.detach() for k, v in load_transformers_model(config.init_from).named_parameters(remove_duplicate=False)}
+    theirs = {k: v.detach() for k, v in load_transformers_model(where).named_parameters(remove_duplicate=False)}
     state = import_state(kind, theirs, source)
     changes = norm_changes(source, config)
     for prefix, readers, fold in changes:
@@ -222,21 +302,24 @@ def load_init_weights(model, config, log=print):
     new_parameters = [k for k in ours if k not in state and any(k.startswith(p + ".") for p, _, _ in changes)]
     for key in new_parameters:  # those the new norm has and the old had not (SeeDNorm's alpha, DyT's beta...)
         state[key] = ours[key]
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not (config.tie_embeddings and k == "lm_head.weight")]
-    if missing or unexpected:  # a mapping that left something out: never train from half the weights
-        raise UserError(f"init_from {config.init_from!r}: weights do not fit: missing {missing[:3]}, "
-                        f"unexpected {unexpected[:3]}")
+    load_exactly(model, state, f"init_from {config.init_from!r}", tied=("lm_head.weight",) if config.tie_embeddings else ())
     changed = f"; {len(changes)} norm sites start from the old norm's parameters" if changes else ""
     log(f"init_from {config.init_from}: {kind} weights loaded{changed}")
 
 
+PRETRAINED_CONTEXT = 512  # where block_size is not given: Gemma 3's 32k context would need 34 GB per window's logits
+
+
 def load_pretrained(source, device="cpu", overrides=None):
-    """(model, config, tokenizer path): our GPT with the weights of a transformers checkpoint folder or
-    hub id, in eval mode on `device`. overrides: config keys on top (a shorter block_size, data,
-    eval_windows, a norm change...), as a training run's config would give them."""
-    config = apply_overrides(Config(), {**(overrides or {}), "init_from": str(source)}).validate()
+    """(model, config, tokenizer path): our GPT with the weights of a transformers checkpoint folder,
+    hub id or GGUF file, in eval mode on `device`. overrides: config keys on top (a shorter block_size,
+    data, eval_windows, a norm change...), as a training run's config would give them; the context is
+    at most PRETRAINED_CONTEXT unless block_size says otherwise."""
+    overrides = dict(overrides or {})
+    config = apply_overrides(Config(), {**overrides, "init_from": str(source)}).validate()
     config = resolve_init_from(config)
+    if "block_size" not in overrides and config.block_size > PRETRAINED_CONTEXT:
+        config = replace(config, block_size=PRETRAINED_CONTEXT).validate()
     from model import GPT
     model = GPT(config)
     load_init_weights(model, config, log=lambda *_: None)

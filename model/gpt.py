@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from config import UserError
 from model.layers import MLP, CausalSelfAttention, Rotary, mlp_hidden_size
 from model.norms import check_model_config, make_norm, norm_names_used, resolve_block_positions, resolve_norm_stack
 
@@ -254,3 +255,16 @@ def sample_next(logits, temperature, top_k, top_p, generator=None):
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     return torch.multinomial(logits.softmax(-1), 1, generator=generator)
+
+
+def load_exactly(module, state, where, tied=()):
+    """Load `state` into `module` (a GPT or a transformers model) so that every parameter comes from it
+    and every tensor finds a place: never run on half the weights. tied: keys that may be missing (an
+    output head that is the embedding under a second name). One line (UserError) otherwise."""
+    try:
+        missing, unexpected = module.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # a shape mismatch
+        raise UserError(f"{where}: weights do not fit the model: {str(e).splitlines()[-1].strip()}") from None
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise UserError(f"{where}: weights do not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")

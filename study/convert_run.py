@@ -23,7 +23,7 @@ import torch
 from config import UserError, check_folder, save_config
 from data.prepare import file_sha256
 from study import convert
-from training.checkpoint import (CONFIG, STATE, TOKENIZER, Counters, list_checkpoints, load_model, read_meta,
+from training.checkpoint import (CONFIG, STATE, TOKENIZER, Counters, list_checkpoints, read_meta,
                                  save_checkpoint, track_training_state)
 from training.runlog import DIAGNOSTICS, METRICS, jsonl_lines_up_to, run_folder_lock, write_atomic
 
@@ -57,10 +57,11 @@ def validation_windows(config, windows):
     """The run's fixed validation windows (the first `windows` of them; 0 = all), as input batches."""
     from data.batches import validation_batches
     from data.prepare import prepare_data
+    from data.tokenizer import window_start_token
     data = prepare_data(config, log=lambda *a: None)
     n = config.eval_windows if not windows else min(windows, config.eval_windows)
-    return [x[:n_real] for x, _, n_real in validation_batches(data.tokens("val"), config.block_size, config.batch_size, n)
-            if n_real]
+    return [x[:n_real] for x, _, n_real in validation_batches(data.tokens("val"), config.block_size, config.batch_size, n,
+                                                              start_token=window_start_token(config)) if n_real]
 
 
 def source_counters(folder, meta):
@@ -128,22 +129,21 @@ def check_out(out, source_folder):
     return out
 
 
-def run_convert(source, to, out, windows=0, log=print, pretrained=None):
-    """Convert a run dir or checkpoint folder, or `pretrained` = (model, config, tokenizer path) of a
-    transformers checkpoint (analyze.py loads it through hf/): the converted run then stands on its
-    own, with the checkpoint's tokenizer copied in and no init_from."""
+def run_convert(source, to, out, windows=0, log=print):
+    """Convert `source` (hf/sources.py's Source: a run's checkpoint, or a pretrained model, which the
+    converted run then stands on its own from, its tokenizer copied in and no init_from)."""
     if to not in TARGETS:
         raise UserError(f"--to {to!r}: the exact conversion goes to {', '.join(TARGETS)}")
-    if pretrained is None:
-        model, config, folder = load_model(source)  # any run dir or checkpoint folder the loaders know
-        tokenizer, meta = folder / TOKENIZER, read_meta(folder)
+    model, config, tokenizer = source.model, source.config, source.tokenizer
+    pretrained = source.origin == "pretrained"
+    if pretrained:
+        folder, meta = None, {"step": 0, "tokenizer_hash": file_sha256(tokenizer)}
     else:
-        (model, config, tokenizer), folder = pretrained, None
-        meta = {"step": 0, "tokenizer_hash": file_sha256(tokenizer)}
+        folder, meta = source.folder, read_meta(source.folder)
     out = check_out(out, folder)
     converted, new_config, plan = convert.convert_model(model)
     new_config = dataclasses.replace(new_config, out_dir=str(out))
-    if pretrained is not None:
+    if pretrained:
         new_config = dataclasses.replace(new_config, init_from="", tokenizer=str(out / TOKENIZER))
     checks = {"random tokens": convert.exactness(model, converted, random_batches(config)),
               "validation windows": convert.exactness(model, converted, validation_windows(config, windows))}
@@ -160,7 +160,7 @@ def run_convert(source, to, out, windows=0, log=print, pretrained=None):
             if folder.parent.name == "checkpoints" and (run_dir / name).is_file():
                 write_atomic(out / name, "".join(line + "\n" for line in jsonl_lines_up_to(run_dir / name, step)))
         write_toml(new_config, out / "config.toml")
-        record = {"source": str(folder or source), "checkpoint": str(checkpoint), "step": step, "to": to,
+        record = {"source": str(folder or source.label), "checkpoint": str(checkpoint), "step": step, "to": to,
                   "norm": convert.target_norm(config), "centered": plan, "max_abs_logit_change": checks}
         (out / "conversion.json").write_text(json.dumps(record, indent=1))
         text = conversion_report(record, model, converted)

@@ -20,12 +20,11 @@ from accelerate import Accelerator
 from config import UserError
 from data.prepare import prepare_data
 from kernels.rmsnorm import rms_norm
-from data.batches import validation_batches
 from model.diagnostics import SITE_SLOTS, collect, norm_sites, site_slot
 from model.norms import LayerNorm, upcast
 from study import plots
 from training.checkpoint import load_model
-from training.evaluation import evaluate
+from training.evaluation import evaluate, first_validation_batch
 from training.runlog import DIAGNOSTICS, read_diagnostics
 
 
@@ -169,8 +168,7 @@ def measure_once(model, config):
     windows, on the model's device."""
     device = next(model.parameters()).device
     val = prepare_data(config, log=lambda *a: None).tokens("val")
-    x, _, _ = next(validation_batches(val, config.block_size, config.batch_size, config.batch_size, device=device))
-    return collect(model, x)
+    return collect(model, first_validation_batch(val, config, device))
 
 
 def run_diagnostics(run_dir, log=print):

@@ -130,12 +130,13 @@ def trained_run(folder, cache, **overrides):
 @pytest.mark.parametrize("overrides", [dict(), dict(bias=True, qk_norm="layernorm")], ids=["no biases", "biases, QK LN"])
 def test_converted_run_has_the_same_logits_and_resumes_samples_and_probes(overrides, shared_cache, tmp_path):
     from sample import generate_samples, parse_args
+    from hf.sources import load_source
     from study.convert_run import run_convert
     from study.probe import run_probe
     from train import train
     source = trained_run(tmp_path / "source", shared_cache, **overrides)
     out = tmp_path / "converted"
-    record = run_convert(source.out_dir, "rmsnorm", str(out), log=lambda *_: None)
+    record = run_convert(load_source(source.out_dir), "rmsnorm", str(out), log=lambda *_: None)
     for where in ("random tokens", "validation windows"):
         assert record["max_abs_logit_change"][where]["fp32"] <= 1e-4
     saved = json.loads((out / "config.json").read_text())
@@ -187,16 +188,15 @@ def test_a_transformers_gpt2_checkpoint_converts_exactly_and_trains_on(shared_ca
     """GPT-2's own LayerNorms to RMSNorm (Jiang et al.'s headline): the converted run's logits equal
     transformers' GPT2LMHeadModel on the same tokens, and the run trains on from its step-0 checkpoint."""
     import transformers
-    import hf
+    from hf.sources import load_source
     from hf_checkpoints import build, tokenizer_file
     from study.convert_run import run_convert
     from train import train
     from training.checkpoint import load_model
     folder = build("gpt2", tmp_path / "gpt2", tokenizer_file(tmp_path / "tok"))
-    pretrained = hf.load_pretrained(str(folder), overrides={"cache_dir": shared_cache, "eval_windows": 4,
-                                                            "batch_size": 2})
+    pretrained = load_source(str(folder), overrides={"cache_dir": shared_cache, "eval_windows": 4, "batch_size": 2})
     out = tmp_path / "gpt2_rmsnorm"
-    record = run_convert(str(folder), "rmsnorm", str(out), pretrained=pretrained, log=lambda *_: None)
+    record = run_convert(pretrained, "rmsnorm", str(out), log=lambda *_: None)
     assert all(record["max_abs_logit_change"][w]["fp32"] <= 1e-4 for w in ("random tokens", "validation windows"))
     converted, config, _ = load_model(out)
     assert config.norm == "rmsnorm_bias" and not config.tie_embeddings and config.init_from == ""

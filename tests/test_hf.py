@@ -206,8 +206,8 @@ def test_a_config_that_contradicts_the_checkpoint_is_refused_in_one_line(checkpo
 
 @pytest.mark.parametrize("source, message", [
     ("{run}", "is a normgpt run or checkpoint: resume it with --resume, or export it with export.py first"),
-    ("{file}", "is a file; give a transformers checkpoint folder or a hub id"),
-    ("{tmp}/nowhere", "does not exist; give a transformers checkpoint folder or a hub id"),
+    ("{file}", "is a file; give a transformers checkpoint folder, a hub id or a .gguf file"),
+    ("{tmp}/nowhere", "does not exist; give a run dir, a checkpoint folder, a transformers folder, a hub id, a .gguf"),
     ("{empty}", "is not a transformers checkpoint (no config.json with a model_type)"),
 ])
 def test_a_source_that_is_no_transformers_checkpoint_is_one_line(tmp_path, source, message):

@@ -285,15 +285,9 @@ def load_model(path, device="cpu", log=warn):
 
 
 def load_weights(model, file):
+    from model.gpt import load_exactly
     try:
         state_dict = load_file(file)
     except Exception as e:
         raise UserError(f"cannot read weights {str(file)!r}: {e}") from None
-    try:
-        missing, unexpected = model.load_state_dict(state_dict, strict=False)
-    except RuntimeError as e:  # shape mismatch
-        raise UserError(f"weights in {str(file)!r} do not fit the model: {str(e).splitlines()[-1].strip()}") from None
-    if model.config.tie_embeddings:  # lm_head.weight is transformer.wte.weight
-        missing = [k for k in missing if k != "lm_head.weight"]
-    if missing or unexpected:
-        raise UserError(f"weights in {str(file)!r} do not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    load_exactly(model, state_dict, f"weights in {str(file)!r}", tied=("lm_head.weight",) if model.config.tie_embeddings else ())

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from data.batches import IGNORE, validation_batches
+from data.tokenizer import window_start_token
 
 
 @torch.no_grad()
@@ -26,7 +27,7 @@ def evaluate_loss_and_bpb(model, val_tokens, config, accelerator, token_bytes=No
         token_bytes = token_bytes.to(accelerator.device)
     for x, y, n_real in validation_batches(val_tokens, config.block_size, config.batch_size, config.eval_windows,
                                            accelerator.process_index, accelerator.num_processes,
-                                           accelerator.device):
+                                           accelerator.device, window_start_token(config)):
         logits, loss = model(x, y)  # the mean over the real windows' tokens
         if not n_real:  # a batch of padding only gives 0/0
             continue
@@ -44,6 +45,13 @@ def evaluate_loss_and_bpb(model, val_tokens, config, accelerator, token_bytes=No
         return val_loss, None
     nats, nbytes = accelerator.reduce(text, reduction="sum").tolist()
     return val_loss, (nats / (math.log(2) * nbytes) if nbytes else None)
+
+
+def first_validation_batch(val_tokens, config, device):
+    """The batch the diagnostics measure: the first batch_size of the fixed validation windows."""
+    x, _, _ = next(validation_batches(val_tokens, config.block_size, config.batch_size, config.batch_size,
+                                      device=device, start_token=window_start_token(config)))
+    return x
 
 
 def evaluate(model, val_tokens, config, accelerator):
