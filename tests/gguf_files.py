@@ -19,7 +19,7 @@ def permute(w, heads):
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def add_tokenizer(writer, tokenizer_path, bos_first=False):
+def add_tokenizer(writer, tokenizer_path, bos_first=False, bos_name=END_OF_DOCUMENT):
     spec = json.loads(Path(tokenizer_path).read_text())
     vocab = {**spec["model"]["vocab"], **{t["content"]: t["id"] for t in spec["added_tokens"]}}
     tokens = [t for t, _ in sorted(vocab.items(), key=lambda item: item[1])]
@@ -30,14 +30,14 @@ def add_tokenizer(writer, tokenizer_path, bos_first=False):
     writer.add_token_list(tokens)
     writer.add_token_types([3 if t in specials else 1 for t in tokens])  # 3: control
     writer.add_token_merges(merges)
-    eod = vocab[END_OF_DOCUMENT]
-    writer.add_bos_token_id(eod)
-    writer.add_eos_token_id(eod)
+    writer.add_bos_token_id(vocab[bos_name])
+    writer.add_eos_token_id(vocab[END_OF_DOCUMENT])
     writer.add_add_bos_token(bos_first)
 
 
-def write_llama_gguf(path, tokenizer_path, quantize=True, seed=0, bos_first=False):
-    """A Llama-shaped GGUF file (grouped-query attention, tied head) at path; returns path."""
+def write_llama_gguf(path, tokenizer_path, quantize=True, seed=0, bos_first=False, bos_name=END_OF_DOCUMENT):
+    """A Llama-shaped GGUF file (grouped-query attention, tied head) at path; returns path. bos_first:
+    its tokenizer puts bos_name before every text, as Gemma's does."""
     import gguf
     import torch
     folder = build("llama", Path(path).parent / f"{Path(path).stem}-source", tokenizer_path, seed=seed,
@@ -56,7 +56,7 @@ def write_llama_gguf(path, tokenizer_path, quantize=True, seed=0, bos_first=Fals
     writer.add_rope_freq_base(c.rope_parameters["rope_theta"])
     writer.add_layer_norm_rms_eps(c.rms_norm_eps)
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if quantize else gguf.LlamaFileType.ALL_F32)
-    add_tokenizer(writer, tokenizer_path, bos_first)
+    add_tokenizer(writer, tokenizer_path, bos_first, bos_name)
     names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
     for i in range(c.num_hidden_layers):
         names.update({f"model.layers.{i}.{theirs}.weight": f"blk.{i}.{ours}.weight" for theirs, ours in LLAMA_LAYER.items()})
