@@ -48,7 +48,7 @@ class Config:
     logit_softcap: float = 0.0    # c > 0: logits become c * tanh(logits / c) (Gemma 2; nanochat uses 15)
     head_dim: int = key(0, "model", help="the size of each attention head; 0 = n_embd // n_head (Gemma 3 270M: "
                                          "4 heads of 256 on a 640-wide stream)")
-    query_pre_attn_scalar: float = key(0.0, "model", help="the attention softmax scale is 1/sqrt(this); "
+    query_pre_attn_scalar: int = key(0, "model", help="the attention softmax scale is 1/sqrt(this); "
                                                           "0 = the head size (Gemma 3's query_pre_attn_scalar)")
     scale_embedding: bool = key(False, "model", help="the token embedding times the constant sqrt(n_embd), rounded "
                                                      "to fp32 and then to the embedding's dtype as Gemma does")
