@@ -24,7 +24,7 @@ from config import Config, UserError, apply_overrides
 from hf.families import config_from_hf, import_state
 from hf.gguf import PACKAGED, dequantized_folder, is_gguf
 from model.gpt import load_exactly
-from model.norms import check_model_config, make_norm, resolve_norm_stack
+from model.norms import check_model_config, make_norm, resolve_block_positions, resolve_norm_stack
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 LOCAL_SUFFIXES = (".gguf", ".json", ".safetensors", ".bin", ".toml", ".pt")  # a name ending so is a file, not a hub id
@@ -238,10 +238,13 @@ def site_prefixes(config):
     """[(parameter prefix, site name, norm name, the Linears reading its output)] of every norm site."""
     blocks, final = resolve_norm_stack(config)
     sites = []
-    for i, (attn, mlp) in enumerate(blocks):
+    for i, ((attn, mlp), position) in enumerate(zip(blocks, resolve_block_positions(config))):
         h = f"transformer.h.{i}."
         sites += [(f"{h}ln_1", f"block{i}.attn", attn, [h + r for r in READERS["ln_1"]]),
                   (f"{h}ln_2", f"block{i}.mlp", mlp, [h + r for r in READERS["ln_2"]])]
+        if position == "peri":  # Gemma's output norms: the residual stream reads them, no Linear
+            sites += [(f"{h}ln_1_out", f"block{i}.attn_out", config.output_norm or attn, []),
+                      (f"{h}ln_2_out", f"block{i}.mlp_out", config.output_norm or mlp, [])]
         if config.qk_norm:
             sites += [(f"{h}attn.q_norm", f"block{i}.q", config.qk_norm, []),
                       (f"{h}attn.k_norm", f"block{i}.k", config.qk_norm, [])]

@@ -49,7 +49,8 @@ ARCHITECTURE_KEYS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", 
                      "mlp_norm", "final_norm", "block_norms", "norm_position", "norm_gain", "prms_fraction",
                      "qk_norm", "block_positions", "output_norm", "dyt_alpha", "dyt_alpha_attn", "derf_alpha", "n_kv_head", "pos_emb",
                      "rope_theta", "mlp", "mlp_hidden", "tie_embeddings", "logit_softcap", "embed_norm",
-                     "embed_scale", "norm_scaling")
+                     "embed_scale", "norm_scaling", "head_dim", "query_pre_attn_scalar", "scale_embedding",
+                     "sliding_window", "block_attention", "rope_local_theta")
 
 
 def clean_state_dict(state_dict, tied=True):
