@@ -22,7 +22,7 @@ import torch
 
 from config import Config, UserError, apply_overrides
 from hf.families import config_from_hf, import_state
-from hf.gguf import PACKAGED, dequantized_folder, is_gguf
+from hf.gguf import PACKAGED, dequantized_folder, gguf_origin, is_gguf
 from model.gpt import load_exactly
 from model.norms import check_model_config, make_norm, resolve_block_positions, resolve_norm_stack
 
@@ -307,7 +307,9 @@ def load_init_weights(model, config, log=print):
         state[key] = ours[key]
     load_exactly(model, state, f"init_from {config.init_from!r}", tied=("lm_head.weight",) if config.tie_embeddings else ())
     changed = f"; {len(changes)} norm sites start from the old norm's parameters" if changes else ""
-    log(f"init_from {config.init_from}: {kind} weights loaded{changed}")
+    origin = gguf_origin(where)
+    quantized = f" (dequantized from a {origin['quantization']} GGUF file)" if origin and origin["quantization"] else ""
+    log(f"init_from {config.init_from}: {kind} weights{quantized} loaded{changed}")
 
 
 PRETRAINED_CONTEXT = 512  # where block_size is not given: Gemma 3's 32k context would need 34 GB per window's logits

@@ -27,7 +27,7 @@ from model.gpt import load_exactly
 
 transformers = pytest.importorskip("transformers", reason="GGUF files are read through transformers")
 pytest.importorskip("gguf", reason="the files are written with the gguf package")
-from gguf_files import write_llama_gguf  # noqa: E402  (imports gguf)
+from gguf_files import write_gemma3_gguf, write_llama_gguf  # noqa: E402  (imports gguf)
 
 DATA = str(Path(__file__).resolve().parents[1] / "model" / "*.py")  # a small corpus: fast to encode
 
@@ -62,17 +62,25 @@ def reference(path):
     return transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name).eval()
 
 
-def test_a_gguf_file_gives_transformers_logits_and_says_it_was_quantized(llama_gguf, shared_cache):
-    source = load_source(str(llama_gguf), overrides={"cache_dir": shared_cache})
+@pytest.fixture(scope="module")
+def gemma3_gguf(tmp_path_factory, tokenizer_path):
+    return write_gemma3_gguf(tmp_path_factory.mktemp("gguf") / "tiny-gemma3.gguf", tokenizer_path)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_a_gguf_file_gives_transformers_logits_and_says_it_was_quantized(family, request):
+    path = request.getfixturevalue(f"{family}_gguf")
+    source = load_source(str(path))
     assert source.origin == "pretrained" and source.quantization == "Q8_0"
     assert "dequantized from a Q8_0 GGUF file" in source.label
     idx = torch.randint(0, source.config.vocab_size, (2, 48), generator=torch.Generator().manual_seed(0))
-    theirs = reference(llama_gguf)
-    with torch.no_grad():
-        assert (source.model(idx)[0] - theirs(idx).logits).abs().max().item() <= 1e-5
-        ours = source.model.generate(idx[:1, :8], 12, temperature=0)
-        greedy = theirs.generate(idx[:1, :8], max_new_tokens=12, do_sample=False, min_new_tokens=12)
-    assert torch.equal(ours, greedy)
+    theirs = reference(path)
+    with torch.no_grad():  # 48 tokens: past Gemma's local window of 8, so its mask matters
+        delta = (source.model(idx)[0] - theirs(idx).logits).abs().max().item()
+        ours = source.model.generate(idx[:1, :8], 20, temperature=0)  # the KV cache past the window
+        greedy = theirs.generate(idx[:1, :8], max_new_tokens=20, do_sample=False, min_new_tokens=20)
+    print(f"max |Δ logit| {family} GGUF: {delta:.2e}")
+    assert delta <= 1e-5 and torch.equal(ours, greedy)
 
 
 def test_an_unquantized_gguf_file_is_not_called_quantized(tmp_path, tokenizer_path):
