@@ -23,6 +23,7 @@ import torch
 from config import Config, UserError, apply_overrides
 from hf.families import config_from_hf, import_state
 from hf.gguf import PACKAGED, dequantized_folder, gguf_origin, is_gguf
+from model.diagnostics import site_name
 from model.gpt import load_exactly
 from model.norms import check_model_config, make_norm, resolve_block_positions, resolve_norm_stack
 
@@ -240,14 +241,14 @@ def site_prefixes(config):
     sites = []
     for i, ((attn, mlp), position) in enumerate(zip(blocks, resolve_block_positions(config))):
         h = f"transformer.h.{i}."
-        sites += [(f"{h}ln_1", f"block{i}.attn", attn, [h + r for r in READERS["ln_1"]]),
-                  (f"{h}ln_2", f"block{i}.mlp", mlp, [h + r for r in READERS["ln_2"]])]
+        sites += [(f"{h}ln_1", site_name(i, "attn"), attn, [h + r for r in READERS["ln_1"]]),
+                  (f"{h}ln_2", site_name(i, "mlp"), mlp, [h + r for r in READERS["ln_2"]])]
         if position == "peri":  # Gemma's output norms: the residual stream reads them, no Linear
-            sites += [(f"{h}ln_1_out", f"block{i}.attn_out", config.output_norm or attn, []),
-                      (f"{h}ln_2_out", f"block{i}.mlp_out", config.output_norm or mlp, [])]
+            sites += [(f"{h}ln_1_out", site_name(i, "attn_out"), config.output_norm or attn, []),
+                      (f"{h}ln_2_out", site_name(i, "mlp_out"), config.output_norm or mlp, [])]
         if config.qk_norm:
-            sites += [(f"{h}attn.q_norm", f"block{i}.q", config.qk_norm, []),
-                      (f"{h}attn.k_norm", f"block{i}.k", config.qk_norm, [])]
+            sites += [(f"{h}attn.q_norm", site_name(i, "q"), config.qk_norm, []),
+                      (f"{h}attn.k_norm", site_name(i, "k"), config.qk_norm, [])]
     return sites + [("transformer.ln_f", "final", final, [])]
 
 

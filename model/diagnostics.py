@@ -102,6 +102,20 @@ SITE_SLOTS = [("attn", "ln_1"), ("q", "attn.q_norm"), ("k", "attn.k_norm"), ("at
               ("mlp", "ln_2"), ("mlp_out", "ln_2_out")]  # (site suffix, attribute path in a Block), forward order
 
 
+def site_name(block, kind):
+    """A norm site's name, the one spelling every report and module uses: (3, "attn") -> "block3.attn";
+    (None, "final") -> "final" (sites outside the blocks: "embed", "final")."""
+    return kind if block is None else f"block{block}.{kind}"
+
+
+def parse_site(name):
+    """site_name's inverse: "block3.attn" -> (3, "attn"), "final" -> (None, "final")."""
+    head, dot, kind = name.partition(".")
+    if dot and head.startswith("block") and head[5:].isdigit():
+        return int(head[5:]), kind
+    return None, name
+
+
 def norm_sites(model):
     """[(site name, norm module)] for every norm site of a GPT, in forward order."""
     sites = [("embed", model.transformer.ln_e)] if "ln_e" in model.transformer else []
@@ -109,7 +123,7 @@ def norm_sites(model):
         for suffix, path in SITE_SLOTS:
             owner, attr = site_slot(block, path)
             if getattr(owner, attr) is not None:
-                sites.append((f"block{i}.{suffix}", getattr(owner, attr)))
+                sites.append((site_name(i, suffix), getattr(owner, attr)))
     return sites + [("final", model.transformer.ln_f)]
 
 

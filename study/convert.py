@@ -32,7 +32,7 @@ import dataclasses
 import torch
 
 from config import UserError
-from model.diagnostics import norm_sites
+from model.diagnostics import norm_sites, parse_site, site_name
 from model.layers import head_size
 from model.norms import NORMS, LayerNorm, parse_block_norms, resolve_block_positions
 
@@ -52,9 +52,9 @@ def compact(sites):
     """["block0.attn", "block1.attn", "final"] -> "block0-1.attn, final": one entry per site kind."""
     blocks, other = {}, []
     for site in sites:
-        head, _, kind = site.partition(".")
-        if head.startswith("block") and kind:
-            blocks.setdefault(kind, []).append(int(head[5:]))
+        block, kind = parse_site(site)
+        if block is not None:
+            blocks.setdefault(kind, []).append(block)
         else:
             other.append(site)
     parts = []
@@ -86,12 +86,12 @@ def plan(model):
                         f"({describe(list(modules), modules)})")
     positions = resolve_block_positions(model.config)
     problems = []
-    post_sites = [f"block{i}.{s}" for i, p in enumerate(positions) if p == "post" for s in ("attn", "mlp")]
+    post_sites = [site_name(i, s) for i, p in enumerate(positions) if p == "post" for s in ("attn", "mlp")]
     post = [s for s in post_sites if is_layernorm(modules[s])]
     if post:
         problems.append(f"{compact(post)} are post-norm: the norm's output is the stream itself, so its input "
                         f"x + f(x) cannot be centered")
-    readers = [f"block{i}.{s}" for i, p in enumerate(positions) if p in ("pre", "peri") for s in ("attn", "mlp")]
+    readers = [site_name(i, s) for i, p in enumerate(positions) if p in ("pre", "peri") for s in ("attn", "mlp")]
     readers.append("final")
     stream = any(is_layernorm(modules[s]) for s in readers)
     if stream:
@@ -108,8 +108,8 @@ def plan(model):
         raise UserError("cannot convert exactly to RMSNorm: " + "; ".join(problems) + "; nothing was written")
     n_blocks = len(model.transformer.h)
     return {"stream": stream,
-            "qk": [i for i in range(n_blocks) if is_layernorm(modules.get(f"block{i}.q"))],
-            "out": [(i, s) for i in range(n_blocks) for s in ("attn", "mlp") if is_layernorm(modules.get(f"block{i}.{s}_out"))],
+            "qk": [i for i in range(n_blocks) if is_layernorm(modules.get(site_name(i, "q")))],
+            "out": [(i, s) for i in range(n_blocks) for s in ("attn", "mlp") if is_layernorm(modules.get(site_name(i, f"{s}_out")))],
             "embed": is_layernorm(modules.get("embed"))}
 
 

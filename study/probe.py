@@ -20,7 +20,7 @@ from accelerate import Accelerator
 from config import UserError
 from data.prepare import prepare_data
 from kernels.rmsnorm import rms_norm
-from model.diagnostics import SITE_SLOTS, collect, norm_sites, site_slot
+from model.diagnostics import SITE_SLOTS, collect, norm_sites, parse_site, site_name, site_slot
 from model.norms import LayerNorm, upcast
 from study import plots
 from training.checkpoint import load_model
@@ -67,11 +67,11 @@ def with_centering(norm, center):
 
 def set_site(model, site, module):
     """Put `module` at a norm site named as in model.diagnostics.norm_sites ("block2.mlp", "block0.q", "final")."""
-    if site in ("final", "embed"):
+    block, suffix = parse_site(site)
+    if block is None:  # "final" or "embed"
         setattr(model.transformer, "ln_f" if site == "final" else "ln_e", module)
         return
-    block, suffix = site.split(".")
-    owner, attr = site_slot(model.transformer.h[int(block.removeprefix("block"))], dict(SITE_SLOTS)[suffix])
+    owner, attr = site_slot(model.transformer.h[block], dict(SITE_SLOTS)[suffix])
     setattr(owner, attr, module)
 
 
@@ -81,10 +81,10 @@ def removable_sites(model):
     names = [name for name, _ in norm_sites(model)]
     groups = []
     for i in range(len(model.transformer.h)):
-        if f"block{i}.q" in names:
-            groups.append((f"block{i}.qk", [f"block{i}.q", f"block{i}.k"], "QK-norm removed"))
-        groups += [(f"block{i}.{s}", [f"block{i}.{s}"], "output norm removed") for s in ("attn_out", "mlp_out")
-                   if f"block{i}.{s}" in names]
+        if site_name(i, "q") in names:
+            groups.append((site_name(i, "qk"), [site_name(i, "q"), site_name(i, "k")], "QK-norm removed"))
+        groups += [(site_name(i, s), [site_name(i, s)], "output norm removed") for s in ("attn_out", "mlp_out")
+                   if site_name(i, s) in names]
     return groups
 
 

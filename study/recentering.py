@@ -25,6 +25,7 @@ import numpy as np
 from scipy import stats as scipy_stats
 
 from config import UserError
+from model.diagnostics import parse_site
 from study.report import fmt
 
 STATISTICS = ("mean_share", "offset_ratio", "input_rms", "gained_offset")
@@ -55,7 +56,7 @@ def find_runs(folder):
 
 
 def site_kind(site):
-    return site.split(".", 1)[1] if site.startswith("block") else site
+    return parse_site(site)[1]
 
 
 def gain_rms(module):
