@@ -17,12 +17,11 @@ from pathlib import Path
 
 import torch
 
-from config import Config, UserError, apply_overrides
+from config import KEY_TAGS, Config, UserError, apply_overrides
 from hf.families import config_from_hf, import_state
 from model.norms import check_model_config, make_norm, resolve_norm_stack
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
-NORM_KEYS = ("norm", "qk_norm")  # imported keys a user may change (attn_norm, mlp_norm, ... are not imported)
 READERS = {"ln_1": ["attn.c_attn"], "ln_2": ["mlp.c_fc", "mlp.c_up"]}  # the Linears that read a block norm's output
 
 
@@ -135,7 +134,7 @@ def resolve_init_from(config):
         mine = getattr(config, key)
         if mine == getattr(defaults, key) or agrees(key, mine, theirs, config):
             resolved[key] = theirs
-        elif (key == "block_size" and mine < theirs) or (key in NORM_KEYS and theirs and mine):
+        elif (key == "block_size" and mine < theirs) or ("norm" in KEY_TAGS[key] and theirs and mine):
             resolved[key] = mine  # a shorter context, or a norm change (checked by norm_changes)
         else:
             conflicts.append(f"{key} = {mine!r} (the checkpoint's: {theirs!r})")
