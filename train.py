@@ -21,7 +21,7 @@ from tqdm import tqdm
 import hf
 from config import (RESUMABLE_KEYS, UserError, apply_overrides, check_folder, config_from_json, config_help,
                     load_config, parse_cli_overrides, run_main)
-from data.batches import TrainBatches, validation_batches
+from data.batches import TrainBatches, diagnostics_batch
 from data.prepare import check_data_size, prepare_data
 from data.tokenizer import token_byte_lengths
 from model import GPT, check_model_config
@@ -119,9 +119,7 @@ def _train(config, resume, log, accelerator):
         runlog.start(config, data.tokenizer_path, counters.step)
     diagnostics = None
     if config.diagnostics:
-        # one batch of fixed validation windows, spread over the whole validation split
-        x, _, _ = next(validation_batches(val_tokens, config.block_size, config.batch_size, config.batch_size,
-                                          device=accelerator.device))
+        x = diagnostics_batch(val_tokens, config.block_size, config.batch_size, accelerator.device)
         diagnostics = Diagnostics(accelerator.unwrap_model(model), x)
     if config.tracker_names():
         start_trackers(accelerator, config, counters.step)

@@ -20,7 +20,7 @@ from accelerate import Accelerator
 from config import UserError
 from data.prepare import prepare_data
 from kernels.rmsnorm import rms_norm
-from data.batches import validation_batches
+from data.batches import diagnostics_batch
 from model.diagnostics import SITE_SLOTS, collect, norm_sites, site_slot
 from model.norms import LayerNorm, upcast
 from study import plots
@@ -169,8 +169,7 @@ def measure_once(model, config):
     windows, on the model's device."""
     device = next(model.parameters()).device
     val = prepare_data(config, log=lambda *a: None).tokens("val")
-    x, _, _ = next(validation_batches(val, config.block_size, config.batch_size, config.batch_size, device=device))
-    return collect(model, x)
+    return collect(model, diagnostics_batch(val, config.block_size, config.batch_size, device))
 
 
 def run_diagnostics(run_dir, log=print):
