@@ -58,12 +58,26 @@ class Config:
     pos_emb: str = key("learned", "model", help='"learned" (GPT-2), "rope" (rotary on q and k, after QK-norm) or '
                        '"none" (NoPE)')
     rope_theta: float = key(10000.0, "model", help="RoPE base")
-    mlp: str = key("gelu", "model", help='"gelu" (exact erf), "gelu_tanh" (GPT-2\'s), "swiglu" (Llama), "relu2" '
-                   '(ReLU squared)')
-    mlp_hidden: int = key(0, "model", help="MLP hidden width; 0 = 4 * n_embd, swiglu: 8/3 * n_embd rounded up to 64")
+    mlp: str = key("gelu", "model", help='"gelu" (exact erf), "gelu_tanh" (GPT-2\'s), "swiglu" (Llama), "geglu_tanh" '
+                   '(Gemma\'s gated tanh-GELU), "relu2" (ReLU squared)')
+    mlp_hidden: int = key(0, "model", help="MLP hidden width; 0 = 4 * n_embd, gated (swiglu, geglu_tanh): 8/3 * n_embd "
+                          "rounded up to 64")
     tie_embeddings: bool = key(True, "model", help="the output head shares the token embedding matrix")
     logit_softcap: float = key(0.0, "model", help="c > 0: logits become c * tanh(logits / c) (Gemma 2; nanochat "
                                "uses 15)")
+    head_dim: int = key(0, "model", help="the size of each attention head; 0 = n_embd // n_head (Gemma 3 270M: "
+                        "4 heads of 256 on a 640-wide stream)")
+    query_pre_attn_scalar: int = key(0, "model", help="the attention softmax scale is 1/sqrt(this); 0 = the head "
+                                     "size (Gemma 3's query_pre_attn_scalar)")
+    scale_embedding: bool = key(False, "model", help="the token embedding times the constant sqrt(n_embd), rounded "
+                                "to fp32 and then to the embedding's dtype as Gemma does")
+    sliding_window: int = key(0, "model", help="a local block's query sees itself and the sliding_window - 1 tokens "
+                              "before it; 0 = no local attention")
+    block_attention: str | list = key("", "model", help="per block, as block_positions: 'local' (sliding window) or "
+                                      "'global', e.g. 'local*5,global' (Gemma 3); '' = every block local when "
+                                      "sliding_window > 0, else global")
+    rope_local_theta: float = key(0.0, "model", help="RoPE base of the local blocks; 0 = rope_theta (Gemma 3: 10000 "
+                                  "local, 1000000 global)")
     # --- normalization (model/norms.py has the registry of names) ---
     norm: str = key("layernorm", "model", "norm", help="the norm at every site unless a key below overrides it")
     attn_norm: str = key("", "model", "norm", help='the attention-sublayer norm of every block ("" = norm)')
@@ -155,8 +169,9 @@ class Config:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise UserError(f"{name} must be a positive integer, got {getattr(self, name)}")
-        if self.n_embd % self.n_head:
-            raise UserError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.n_embd % self.n_head and not self.head_dim:
+            raise UserError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}), "
+                            f"or give head_dim")
         if not 257 <= self.vocab_size <= 2 ** 32:  # tokens are stored as uint16 or uint32
             raise UserError(f"vocab_size = {self.vocab_size} is out of range; valid: [257, 2**32] "
                             f"(256 bytes + end-of-document at least; tokens are stored as uint32 at most)")
@@ -176,6 +191,8 @@ class Config:
             "dyt_alpha_attn": self.dyt_alpha_attn >= 0, "embed_scale": self.embed_scale >= 0, "derf_alpha": self.derf_alpha > 0,
             "z_loss": self.z_loss >= 0, "n_kv_head": self.n_kv_head >= 0, "mlp_hidden": self.mlp_hidden >= 0,
             "rope_theta": self.rope_theta > 0, "logit_softcap": self.logit_softcap >= 0,
+            "head_dim": self.head_dim >= 0, "query_pre_attn_scalar": self.query_pre_attn_scalar >= 0,
+            "sliding_window": self.sliding_window >= 0, "rope_local_theta": self.rope_local_theta >= 0,
         }
         ranges = {"dropout": "[0, 1)", "val_fraction": "(0, 1)", "prms_fraction": "(0, 1]", "norm_eps": "> 0",
                   "learning_rate": "> 0", "min_lr": "[0, learning_rate]", "beta1": "[0, 1)", "beta2": "[0, 1)",
@@ -186,14 +203,15 @@ class Config:
         kv_heads = self.n_kv_head or self.n_head
         if self.n_head % kv_heads:
             raise UserError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({kv_heads})")
-        if self.pos_emb == "rope" and (self.n_embd // self.n_head) % 2:
-            raise UserError(f"pos_emb = 'rope' needs an even head size; n_embd / n_head = {self.n_embd // self.n_head}")
+        head_size = self.head_dim or self.n_embd // self.n_head
+        if self.pos_emb == "rope" and head_size % 2:
+            raise UserError(f"pos_emb = 'rope' needs an even head size; the head size is {head_size}")
         for name in self.tracker_names():
             if name not in TRACKERS:
                 raise UserError(f"trackers: {name!r} is not a tracker; choose from {', '.join(TRACKERS)}")
         choices = {"norm_position": ("pre", "post", "peri", "output"), "mixed_precision": ("no", "bf16", "fp16"),
                    "device": ("auto", "cpu"), "pos_emb": ("learned", "rope", "none"),
-                   "mlp": ("gelu", "gelu_tanh", "swiglu", "relu2"), "norm_scaling": ("none", "layer")}
+                   "mlp": ("gelu", "gelu_tanh", "swiglu", "geglu_tanh", "relu2"), "norm_scaling": ("none", "layer")}
         for name, valid in choices.items():
             if getattr(self, name) not in valid:
                 raise UserError(f"{name} = {getattr(self, name)!r} is not valid; choose one of {', '.join(valid)}")

@@ -12,8 +12,9 @@ Measured at eval steps when `config.diagnostics` is on; train.py writes one JSON
     grad_norm    per block: L2 norm of the block's parameter gradients at the latest optimizer step,
                  as the optimizer saw them (after clipping; clipping scales every block alike, so the
                  profile over depth is unchanged), null before the first step
-    attn_max_logit  per block: the largest pre-softmax attention logit q.k/sqrt(head_dim) over heads and
-                 positions, causally masked entries excluded (its growth is the high-LR instability
+    attn_max_logit  per block: the largest pre-softmax attention logit q.k/sqrt(head_dim) (or the block's own
+                 softmax scale) over heads and positions, entries the causal mask (and a local block's
+                 window) hides excluded (its growth is the high-LR instability
                  QK-norm stops: Wortsman et al. 2023, Dehghani et al. 2023)
     attn_entropy per block: mean over heads and query positions of the attention distribution's entropy
                  in nats (log k for uniform attention over k keys; 0 when each query sees one key)
@@ -75,12 +76,16 @@ def attention_entropy(probs):
     return (-plogp.sum(-1)).mean().item()
 
 
-def attention_stats(q, k):
-    """(max logit, mean entropy) of causal self-attention with queries q and keys k (B, heads, T, head_dim)."""
+def attention_stats(q, k, scale=None, window=0):
+    """(max logit, mean entropy) of causal self-attention with queries q and keys k (B, heads, T, head_dim),
+    softmax scale `scale` (None: 1/sqrt(head_dim)); window > 0: each query sees the last `window` keys."""
     T, max_logit, entropies = q.size(-2), -math.inf, []
     causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    if window:
+        causal = causal.triu(1 - window)
+    scale = 1 / math.sqrt(q.size(-1)) if scale is None else scale
     for qb, kb in zip(q, k):  # one sequence at a time: (heads, T, T) scores, not (B, heads, T, T)
-        scores = upcast(qb) @ upcast(kb).transpose(-2, -1) / math.sqrt(q.size(-1))
+        scores = upcast(qb) @ upcast(kb).transpose(-2, -1) * scale
         scores = scores.masked_fill(~causal, float("-inf"))
         max_logit = max(max_logit, scores.max().item())
         entropies.append(attention_entropy(scores.softmax(-1)))
@@ -127,7 +132,8 @@ def collect(model, x):
     hooks += [block.register_forward_hook(residual_hook) for block in model.transformer.h]
     attention = []
     hooks += [block.attn.register_forward_pre_hook(
-        lambda attn, args: attention.append(attention_stats(*attn.queries_keys(args[0])))) for block in model.transformer.h]
+        lambda attn, args: attention.append(attention_stats(*attn.queries_keys(args[0]), attn.scale, attn.window)))
+        for block in model.transformer.h]
     was_training = model.training
     model.eval()  # no dropout: the statistics describe the model, not one dropout mask
     try:

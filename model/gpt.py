@@ -17,6 +17,10 @@ the projection, before rotary positions (pos_emb = "rope"). embed_norm puts a no
 embedding before the first block (embed_scale: times a learned scalar first); the final norm (ln_f) sits before the output head (tied to the
 embedding unless tie_embeddings = false) in every case. norm_scaling = "layer" multiplies block i's
 input norms by 1/sqrt(i + 1); logit_softcap = c makes the logits c * tanh(logits / c).
+
+Gemma 3's pieces: head_dim (a head size other than n_embd / n_head), query_pre_attn_scalar (the
+softmax scale), scale_embedding (the embedding times the constant sqrt(n_embd)), the geglu_tanh MLP,
+and local blocks (block_attention, sliding_window) with a RoPE base of their own (rope_local_theta).
 """
 import math
 from dataclasses import replace
@@ -25,12 +29,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model.layers import MLP, CausalSelfAttention, Rotary, mlp_hidden_size
-from model.norms import check_model_config, make_norm, norm_names_used, resolve_block_positions, resolve_norm_stack
+from model.layers import MLP, CausalSelfAttention, Rotary, head_size, mlp_hidden_size
+from model.norms import (check_model_config, make_norm, norm_names_used, resolve_block_attention,
+                         resolve_block_positions, resolve_norm_stack)
 
 
 class Block(nn.Module):
-    def __init__(self, config, position, attn_norm, mlp_norm, index=0, rotary=None):
+    def __init__(self, config, position, attn_norm, mlp_norm, index=0, rotary=None, window=0):
         super().__init__()
         self.position = position
         # LayerNorm Scaling: deeper blocks' sublayers see smaller inputs, so the residual stream's
@@ -42,7 +47,7 @@ class Block(nn.Module):
             return make_norm(name, config.n_embd, cfg) if present else None
         attn_config = replace(config, dyt_alpha=config.dyt_alpha_attn) if config.dyt_alpha_attn else config
         self.ln_1 = norm(attn_norm, position != "output", attn_config)
-        self.attn = CausalSelfAttention(config, rotary)
+        self.attn = CausalSelfAttention(config, rotary, window)
         self.ln_1_out = norm(config.output_norm or attn_norm, has_out)
         self.ln_2 = norm(mlp_norm, position != "output")
         self.mlp = MLP(config)
@@ -92,8 +97,15 @@ class GPT(nn.Module):
         block_norms, final_norm = resolve_norm_stack(config)
         positions = resolve_block_positions(config)
         self.norm_stack = block_norms, final_norm, positions
-        head_dim = config.n_embd // config.n_head
-        rotary = Rotary(head_dim, config.block_size, config.rope_theta) if config.pos_emb == "rope" else None
+        attention = resolve_block_attention(config)
+        rotary = local_rotary = None
+        if config.pos_emb == "rope":  # local blocks may have a base of their own (Gemma 3: 10k, global 1M)
+            rotary = Rotary(head_size(config), config.block_size, config.rope_theta)
+            local_theta = config.rope_local_theta or config.rope_theta
+            local_rotary = rotary if local_theta == config.rope_theta else Rotary(head_size(config), config.block_size, local_theta)
+        blocks = [Block(config, p, a, m, i, rotary, 0) if kind == "global" else
+                  Block(config, p, a, m, i, local_rotary, config.sliding_window)
+                  for i, (p, (a, m), kind) in enumerate(zip(positions, block_norms, attention))]
         layers = dict(wte=nn.Embedding(config.vocab_size, config.n_embd))
         if config.pos_emb == "learned":
             layers["wpe"] = nn.Embedding(config.block_size, config.n_embd)
@@ -101,11 +113,15 @@ class GPT(nn.Module):
             layers["ln_e"] = make_norm(config.embed_norm, config.n_embd, config)
         layers.update(
             drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList([Block(config, p, a, m, i, rotary) for i, (p, (a, m)) in enumerate(zip(positions, block_norms))]),
+            h=nn.ModuleList(blocks),
             ln_f=make_norm(final_norm, config.n_embd, config))
         self.transformer = nn.ModuleDict(layers)
         if config.embed_scale:
             self.embed_scale = nn.Parameter(torch.tensor(float(config.embed_scale)))
+        if config.scale_embedding:  # Gemma's constant sqrt(d), rounded as transformers rounds it: to fp32, then
+            # to the embedding's dtype (sqrt(640) = 25.2982 is 25.25 in bf16); per dtype, a plain Python number
+            sqrt_d = torch.tensor(math.sqrt(config.n_embd), dtype=torch.float32)
+            self.embedding_multiplier = {t: sqrt_d.to(t).item() for t in (torch.float64, torch.float32, torch.bfloat16, torch.float16)}
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.tie_weights()
         self.apply(self._init_weights)
@@ -161,12 +177,21 @@ class GPT(nn.Module):
         lines.append(f"  model: positions {c.pos_emb}" + (f" (theta {c.rope_theta:g})" if c.pos_emb == "rope" else "")
                      + f", mlp {c.mlp} (hidden {mlp_hidden_size(c)}), heads {c.n_head}"
                      + (f" (kv {c.n_kv_head})" if c.n_kv_head and c.n_kv_head != c.n_head else "")
+                     + (f" of {c.head_dim}" if c.head_dim else "")
+                     + (f", softmax scale 1/sqrt({c.query_pre_attn_scalar:g})" if c.query_pre_attn_scalar else "")
+                     + (f", embedding times sqrt({c.n_embd})" if c.scale_embedding else "")
+                     + (f", local blocks {self.local_blocks()} (window {c.sliding_window}"
+                        + (f", theta {c.rope_local_theta:g})" if c.rope_local_theta else ")") if c.sliding_window else "")
                      + f", head {'tied' if c.tie_embeddings else 'untied'}"
                      + (f", logit soft-cap {c.logit_softcap:g}" if c.logit_softcap else "")
                      + (", LayerNorm Scaling 1/sqrt(layer)" if c.norm_scaling == "layer" else ""))
         if c.z_loss:
             lines.append(f"  z_loss: {c.z_loss:g} * mean(log Z^2) added to the training loss")
         return "\n".join(lines)
+
+    def local_blocks(self):
+        local = [i for i, block in enumerate(self.transformer.h) if block.attn.window]
+        return "all" if len(local) == len(self.transformer.h) else ",".join(map(str, local)) or "none"
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())  # tied weights are counted once
@@ -175,11 +200,13 @@ class GPT(nn.Module):
         """Logits (and the mean cross-entropy against targets). fused_add_norm: None = the config's
         choice; False runs every norm as its own module call (the diagnostics' hooks see each one)."""
         B, T = idx.shape
-        past = kv_caches[0]["k"].size(2) if kv_caches and "k" in kv_caches[0] else 0
+        past = kv_caches[0].get("pos", 0) if kv_caches else 0
         if past + T > self.config.block_size:
             raise ValueError(f"sequence of {past + T} tokens exceeds block_size {self.config.block_size}")
         fused = self.config.fused_add_norm if fused_add_norm is None else fused_add_norm
         x = self.transformer.wte(idx)
+        if self.config.scale_embedding:
+            x = x * self.embedding_multiplier[x.dtype]
         if "wpe" in self.transformer:
             x = x + self.transformer.wpe(torch.arange(past, past + T, device=idx.device))
         if self.config.embed_scale:

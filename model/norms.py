@@ -282,6 +282,24 @@ def resolve_block_positions(config):
     return positions
 
 
+ATTENTION = ("local", "global")
+
+
+def resolve_block_attention(config):
+    """Each block's attention, "local" (a sliding window of config.sliding_window tokens) or "global":
+    block_attention ("local*5,global") > every block local where sliding_window > 0, else global."""
+    if not config.block_attention:
+        return ["local" if config.sliding_window else "global"] * config.n_layer
+    kinds = expand_per_block(config.block_attention, config.n_layer, "block_attention")
+    for kind in kinds:
+        if kind not in ATTENTION:
+            raise UserError(f"block_attention entry {kind!r} is not valid; choose local or global")
+    if "local" in kinds and not config.sliding_window:
+        raise UserError("block_attention has local blocks but sliding_window is 0; give the window's length "
+                        "in tokens (sliding_window = 512)")
+    return kinds
+
+
 def resolve_norm_stack(config):
     """The norm at every site: ([(attn_norm, mlp_norm) per block], final_norm).
 
@@ -308,6 +326,7 @@ def check_model_config(config):
     before any data is prepared, so that a bad norm stack fails in the first second."""
     blocks, final = resolve_norm_stack(config)
     positions = resolve_block_positions(config)
+    resolve_block_attention(config)  # not a norm, but per block as positions are: a bad entry fails here too
     if config.qk_norm:
         check_norm_name(config.qk_norm, "qk_norm")
     if config.embed_norm:

@@ -33,6 +33,7 @@ import torch
 
 from config import UserError, keys_tagged
 from model.diagnostics import norm_sites
+from model.layers import head_size
 from model.norms import NORMS, LayerNorm, parse_block_norms, resolve_block_positions
 
 NORM_KEYS = keys_tagged("norm")  # every key that names a norm
@@ -159,8 +160,8 @@ def convert_state(model, the_plan):
             key = f"transformer.h.{i}.{sublayer}.c_proj.{name}"
             if key in state:
                 put(key, center_outputs)
-    C, heads = config.n_embd, config.n_head
-    head_dim, kv_heads = C // heads, config.n_kv_head or heads
+    heads, head_dim, kv_heads = config.n_head, head_size(config), config.n_kv_head or config.n_head
+    C = heads * head_dim  # the queries' width
     for i in the_plan["qk"]:
         for name in ("weight", "bias"):
             key = f"transformer.h.{i}.attn.c_attn.{name}"

@@ -223,7 +223,7 @@ def test_default_keys_keep_todays_parameter_names(small_model_config):
 
 @pytest.mark.parametrize("bad, message", [
     (dict(pos_emb="alibi"), "pos_emb = 'alibi' is not valid; choose one of learned, rope, none"),
-    (dict(mlp="geglu"), "mlp = 'geglu' is not valid; choose one of gelu, gelu_tanh, swiglu, relu2"),
+    (dict(mlp="geglu"), "mlp = 'geglu' is not valid; choose one of gelu, gelu_tanh, swiglu, geglu_tanh, relu2"),
     (dict(n_kv_head=3, n_head=2), r"n_head \(2\) must be a multiple of n_kv_head \(3\)"),
     (dict(logit_softcap=-1.0), r"logit_softcap = -1.0 is out of range; valid: >= 0"),
     (dict(norm_scaling="depth"), "norm_scaling = 'depth' is not valid; choose one of none, layer"),
