@@ -17,12 +17,12 @@ from hf.families import CLASSES, export_family, export_state, hf_config_values
 from hf.load import require_transformers
 from training.checkpoint import TOKENIZER, load_model
 
-CONFIG_CLASSES = {"gpt2": "GPT2Config", "llama": "LlamaConfig", "qwen3": "Qwen3Config"}
+CONFIG_CLASSES = {"gpt2": "GPT2Config", "llama": "LlamaConfig", "qwen3": "Qwen3Config", "gemma3_text": "Gemma3TextConfig"}
 
 
 def is_identity(key, config):
     """Whether a tensor the class has and our stack lacks is written as the identity: a bias under
-    bias = false (zeros), a norm gain under norm_gain = false (ones)."""
+    bias = false (zeros), a norm gain under norm_gain = false (ones; zeros for Gemma's 1 + w)."""
     if key.endswith(".bias"):
         return not config.bias
     return key.endswith(("norm.weight", "ln_1.weight", "ln_2.weight", "ln_f.weight")) and not config.norm_gain
@@ -39,7 +39,8 @@ def to_transformers(model, config, eod_id, where="the model"):
     state = export_state(kind, model.state_dict(), config)
     for key, value in expected.items():
         if key not in state and is_identity(key, config):
-            state[key] = torch.zeros_like(value) if key.endswith(".bias") else torch.ones_like(value)
+            zero = key.endswith(".bias") or kind == "gemma3_text"
+            state[key] = torch.zeros_like(value) if zero else torch.ones_like(value)
     missing, unexpected = hf_model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not (config.tie_embeddings and k == "lm_head.weight")]
     if missing or unexpected:

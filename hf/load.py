@@ -19,7 +19,7 @@ import torch
 
 from config import KEY_TAGS, Config, UserError, apply_overrides
 from hf.families import config_from_hf, import_state
-from model.norms import check_model_config, make_norm, resolve_norm_stack
+from model.norms import check_model_config, make_norm, resolve_block_positions, resolve_norm_stack
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 READERS = {"ln_1": ["attn.c_attn"], "ln_2": ["mlp.c_fc", "mlp.c_up"]}  # the Linears that read a block norm's output
@@ -158,10 +158,13 @@ def site_prefixes(config):
     """[(parameter prefix, site name, norm name, the Linears reading its output)] of every norm site."""
     blocks, final = resolve_norm_stack(config)
     sites = []
-    for i, (attn, mlp) in enumerate(blocks):
+    for i, ((attn, mlp), position) in enumerate(zip(blocks, resolve_block_positions(config))):
         h = f"transformer.h.{i}."
         sites += [(f"{h}ln_1", f"block{i}.attn", attn, [h + r for r in READERS["ln_1"]]),
                   (f"{h}ln_2", f"block{i}.mlp", mlp, [h + r for r in READERS["ln_2"]])]
+        if position == "peri":  # Gemma's output norms: the residual stream reads them, no Linear
+            sites += [(f"{h}ln_1_out", f"block{i}.attn_out", config.output_norm or attn, []),
+                      (f"{h}ln_2_out", f"block{i}.mlp_out", config.output_norm or mlp, [])]
         if config.qk_norm:
             sites += [(f"{h}attn.q_norm", f"block{i}.q", config.qk_norm, []),
                       (f"{h}attn.k_norm", f"block{i}.k", config.qk_norm, [])]

@@ -29,7 +29,7 @@ def save_tokenizer(folder, tokenizer_path, eos=END_OF_DOCUMENT):
 
 
 def build(family, folder, tokenizer_path, seed=0, **values):
-    """A random `family` ("gpt2", "llama", "qwen3") checkpoint in folder; values go to its config class.
+    """A random `family` ("gpt2", "llama", "qwen3", "gemma3") checkpoint in folder; values go to its config class.
     Weights are drawn with a larger std than the classes' 0.02, so greedy choices are far apart."""
     import transformers
     from tokenizers import Tokenizer
@@ -44,8 +44,15 @@ def build(family, folder, tokenizer_path, seed=0, **values):
                      num_key_value_heads=2, max_position_embeddings=64, rope_theta=500.0, rms_norm_eps=1e-6)
         if family == "qwen3":
             shape["head_dim"] = 8
+        if family == "gemma3":  # heads of 12 on a 32-wide stream, local blocks of 8 tokens with a base of their own
+            shape = dict(shape, num_hidden_layers=3, head_dim=12, query_pre_attn_scalar=10, sliding_window=8,
+                         layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+                         rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 500.0},
+                                          "sliding_attention": {"rope_type": "default", "rope_theta": 50.0}})
+            del shape["rope_theta"]
         cls = {"llama": transformers.LlamaConfig, "qwen3": transformers.Qwen3Config, "qwen2": transformers.Qwen2Config,
-               "olmo2": transformers.Olmo2Config, "mistral": transformers.MistralConfig}[family]
+               "olmo2": transformers.Olmo2Config, "mistral": transformers.MistralConfig,
+               "gemma3": transformers.Gemma3TextConfig}[family]
         config = cls(**{**common, **shape, **values})
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config)
