@@ -324,3 +324,19 @@ def test_a_sliding_window_run_trains_from_scratch_and_resumes_exactly_after_kill
     assert [p.name for p in list_checkpoints(killed.out_dir)] == ["step_0000010"]
     train(killed, resume=True, log=lambda *_: None)
     assert_same_metrics(expected, read_metrics(killed.out_dir))
+
+
+@pytest.mark.slow
+def test_a_sliding_window_run_under_fsdp2_trains_as_under_ddp(tmp_path, shared_cache):
+    from test_multi_process import LAUNCH, MODES
+    from training.runlog import read_metrics
+    args = ["configs/tiny.toml", f"--cache_dir={shared_cache}", "--batch_size=4", "--eval_windows=20",
+            *(f"--{k}={v}" for k, v in SLIDING.items())]
+    outputs = {}
+    for mode in MODES:
+        proc = subprocess.run(LAUNCH + MODES[mode] + ["train.py", *args, f"--out_dir={tmp_path / mode}"], cwd=ROOT,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        outputs[mode] = proc.stdout
+    assert "sharding: FSDP2" in outputs["fsdp"] and "local blocks 0 (window 8, theta 100)" in outputs["fsdp"]
+    assert_same_metrics(read_metrics(tmp_path / "ddp"), read_metrics(tmp_path / "fsdp"), tol=1e-4)
