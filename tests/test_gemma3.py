@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 import hf
-from config import UserError, save_config
+from config import Config, UserError, apply_overrides, save_config
 from hf_checkpoints import build, tokenizer_file
 from model import GPT
 from model.diagnostics import attention_stats
@@ -191,6 +191,29 @@ def test_a_gemma_shaped_run_exports_to_gemma3_and_comes_back_the_same(small_mode
                 "logit_softcap", "mlp", "norm_position", "qk_norm"):
         assert getattr(back_config, key) == getattr(config, key), key
     assert back_config.block_attention == "local,global,local"
+
+
+GEMMA3_270M = {  # Gemma 3 270M's config.json (transformers 4.x keys), so its shape is checked without its weights
+    "model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"], "vocab_size": 262144, "hidden_size": 640,
+    "intermediate_size": 2048, "num_hidden_layers": 18, "num_attention_heads": 4, "num_key_value_heads": 1,
+    "head_dim": 256, "hidden_activation": "gelu_pytorch_tanh", "max_position_embeddings": 32768, "rms_norm_eps": 1e-6,
+    "query_pre_attn_scalar": 256, "sliding_window": 512, "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0,
+    "rope_scaling": None, "final_logit_softcapping": None, "attn_logit_softcapping": None, "attention_bias": False,
+    "layer_types": ["full_attention" if i % 6 == 5 else "sliding_attention" for i in range(18)],
+    "use_bidirectional_attention": False, "tie_word_embeddings": True}
+
+
+def test_gemma3_270m_maps_and_builds_with_transformers_parameter_count():
+    """On the meta device (no memory, as FSDP's efficient loading builds it): every parameter of
+    transformers' own model has a place, and the keys are the ones the issue names."""
+    hf_config = transformers.Gemma3TextConfig.from_dict(GEMMA3_270M)
+    kind, keys = hf.families.config_from_hf(hf_config, "gemma3-270m")
+    assert kind == "gemma3_text" and keys["block_attention"] == "local*5,global,local*5,global,local*5,global"
+    assert (keys["rope_theta"], keys["rope_local_theta"], keys["head_dim"], keys["sliding_window"]) == (1e6, 1e4, 256, 512)
+    config = apply_overrides(Config(), {**keys, "block_size": 512}).validate()
+    with torch.device("meta"):
+        ours, theirs = GPT(config), transformers.Gemma3ForCausalLM(hf_config)
+    assert ours.num_params() == sum(p.numel() for p in theirs.parameters()) == 268_098_176
 
 
 REFUSED_IMPORTS = [  # (config values of the random checkpoint, what the one line says)
