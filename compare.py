@@ -46,8 +46,8 @@ import numpy as np
 
 from study import sweeps
 from training.checkpoint import list_checkpoints
-from config import (ArgumentParser, Config, UserError, apply_overrides, check_folder, load_config, read_toml,
-                    run_main)
+from config import (ArgumentParser, Config, UserError, apply_overrides, check_folder, keys_tagged, load_config,
+                    read_toml, run_main)
 from model.norms import check_model_config
 from study.report import device_name, machine, markdown_table, ranking_metric, write_outputs
 from training.runlog import RunFolderBusy, read_metrics, run_folder_lock, run_folder_owner, write_atomic
@@ -55,8 +55,7 @@ from study.workers import run_in_workers
 
 COMPARISON_KEYS = {"base_config", "base", "out_dir", "seeds", "baseline", "target_val_loss", "variants", "sweep"}
 # the config keys that decide a run's data cache (data/prepare.py): runs that agree on them share one
-DATA_KEYS = {"data", "hf_config", "hf_split", "hf_text_column", "hf_streaming", "hf_max_documents", "hf_revision",
-             "tokenizer", "eod_token", "tokenizer_train_bytes", "val_fraction", "vocab_size", "cache_dir"}
+DATA_KEYS = {*keys_tagged("data", "tokenizer"), "cache_dir"}
 
 
 @dataclass

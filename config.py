@@ -15,10 +15,6 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 
-def key(default, *tags, help=""):
-    return dataclasses.field(default=default, metadata={"tags": frozenset(tags), "help": help})
-
-
 TRACKERS = ("tensorboard", "wandb", "trackio", "mlflow")  # accelerate's trackers that train.py knows how to name
 
 
@@ -26,111 +22,146 @@ class UserError(Exception):
     """A problem with the user's input: printed as one line, never as a traceback."""
 
 
+def key(default, *tags, help=""):
+    """A Config field with its tags (what the key changes) and one line of help (what --help prints)."""
+    return dataclasses.field(default=default, metadata={"tags": frozenset(tags), "help": help})
+
+
+# What a key changes. A key may carry several tags (vocab_size is model and tokenizer).
+#   model: the function the model computes (its parameters, wiring or numerics)
+#   norm: names a norm from model/norms.py's registry at some site (also model)
+#   loss: the training objective          training: how the model trains (optimizer, batches, precision)
+#   data / tokenizer: the token stream     evaluation: what a val loss is measured on
+#   schedule: how long and at what rate     housekeeping: logging, saving, where things go
+#   implementation: how the same math runs (kernels, compile, device)
+TAGS = ("model", "norm", "loss", "training", "data", "tokenizer", "evaluation", "schedule", "housekeeping",
+        "implementation")
+# A resume may change only keys whose every tag is one of these; every other key is the run's identity.
+RESUMABLE_TAGS = frozenset({"schedule", "housekeeping", "implementation"})
+
+
 @dataclass
 class Config:
     # --- model ---
-    init_from: str = ""           # a transformers checkpoint (folder or hub id) to start from: its architecture,
-                                  # tokenizer and weights; a config may change only the context and the norms (hf/load.py)
-    vocab_size: int = 4096        # BPE vocabulary trained on the training split (incl. end-of-document)
-    block_size: int = 128         # context length in tokens
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
-    dropout: float = 0.0
-    bias: bool = False            # biases in Linear layers and LayerNorm
-    n_kv_head: int = 0            # key/value heads (grouped-query attention, Llama 3, SmolLM2); 0 = n_head
-    pos_emb: str = "learned"      # "learned" (GPT-2), "rope" (rotary on q and k, after QK-norm) or "none" (NoPE)
-    rope_theta: float = 10000.0   # RoPE base
-    mlp: str = "gelu"             # "gelu" (exact erf), "gelu_tanh" (GPT-2's), "swiglu" (Llama), "geglu_tanh" (Gemma's
-                                  # gated tanh-GELU), "relu2" (ReLU squared)
-    mlp_hidden: int = 0           # MLP hidden width; 0 = 4 * n_embd, gated (swiglu, geglu_tanh): 8/3 * n_embd rounded up to 64
-    tie_embeddings: bool = True   # the output head shares the token embedding matrix
-    logit_softcap: float = 0.0    # c > 0: logits become c * tanh(logits / c) (Gemma 2; nanochat uses 15)
+    init_from: str = key("", "model", "tokenizer", help="start from a pretrained checkpoint (transformers folder, "
+                         "hub id, .gguf file or packaged model): its architecture, tokenizer and weights; a config "
+                         "may change only the context and the norms (hf/load.py)")
+    vocab_size: int = key(4096, "model", "tokenizer", help="BPE vocabulary trained on the training split (incl. "
+                          "end-of-document)")
+    block_size: int = key(128, "model", "evaluation", help="context length in tokens")
+    n_layer: int = key(4, "model", help="transformer blocks")
+    n_head: int = key(4, "model", help="attention (query) heads")
+    n_embd: int = key(128, "model", help="width of the residual stream")
+    dropout: float = key(0.0, "model", "training", help="dropout probability in training")
+    bias: bool = key(False, "model", help="biases in Linear layers and LayerNorm")
+    n_kv_head: int = key(0, "model", help="key/value heads (grouped-query attention, Llama 3, SmolLM2); 0 = n_head")
+    pos_emb: str = key("learned", "model", help='"learned" (GPT-2), "rope" (rotary on q and k, after QK-norm) or '
+                       '"none" (NoPE)')
+    rope_theta: float = key(10000.0, "model", help="RoPE base")
+    mlp: str = key("gelu", "model", help='"gelu" (exact erf), "gelu_tanh" (GPT-2\'s), "swiglu" (Llama), "geglu_tanh" '
+                   '(Gemma\'s gated tanh-GELU), "relu2" (ReLU squared)')
+    mlp_hidden: int = key(0, "model", help="MLP hidden width; 0 = 4 * n_embd, gated (swiglu, geglu_tanh): 8/3 * n_embd "
+                          "rounded up to 64")
+    tie_embeddings: bool = key(True, "model", help="the output head shares the token embedding matrix")
+    logit_softcap: float = key(0.0, "model", help="c > 0: logits become c * tanh(logits / c) (Gemma 2; nanochat "
+                               "uses 15)")
     head_dim: int = key(0, "model", help="the size of each attention head; 0 = n_embd // n_head (Gemma 3 270M: "
-                                         "4 heads of 256 on a 640-wide stream)")
-    query_pre_attn_scalar: int = key(0, "model", help="the attention softmax scale is 1/sqrt(this); "
-                                                          "0 = the head size (Gemma 3's query_pre_attn_scalar)")
+                        "4 heads of 256 on a 640-wide stream)")
+    query_pre_attn_scalar: int = key(0, "model", help="the attention softmax scale is 1/sqrt(this); 0 = the head "
+                                     "size (Gemma 3's query_pre_attn_scalar)")
     scale_embedding: bool = key(False, "model", help="the token embedding times the constant sqrt(n_embd), rounded "
-                                                     "to fp32 and then to the embedding's dtype as Gemma does")
-    sliding_window: int = key(0, "model", help="a local block's query sees itself and the sliding_window - 1 "
-                                               "tokens before it; 0 = no local attention")
-    block_attention: str | list = key("", "model", help="per block, as block_positions: 'local' (sliding window) "
-                                                        "or 'global', e.g. 'local*5,global' (Gemma 3); '' = every "
-                                                        "block local when sliding_window > 0, else global")
-    rope_local_theta: float = key(0.0, "model", help="RoPE base of the local blocks; 0 = rope_theta (Gemma 3: "
-                                                     "10000 local, 1000000 global)")
-    # --- normalization (see model/norms.py for the registry of names) ---
-    norm: str = "layernorm"       # default for every norm site
-    attn_norm: str = ""           # override the attention-sublayer norm of every block ("" = norm)
-    mlp_norm: str = ""            # override the MLP-sublayer norm of every block ("" = norm)
-    final_norm: str = ""          # the norm before the output head ("" = norm)
-    block_norms: str | list = ""  # per block: "layernorm*2,rmsnorm*2"; "layernorm/rmsnorm" = attn/mlp pair
-    norm_position: str = "pre"    # "pre" (GPT-2), "post" (original Transformer), "peri" (norm on the input AND
-                                  # the output of each sublayer: Peri-LN, Gemma's sandwich) or "output" (only on
-                                  # the sublayer output: OLMo 2's reordered norm); see model/gpt.py
-    block_positions: str | list = ""  # per block, as block_norms: "post*2,pre*2" (Mix-LN); "" = norm_position
-    output_norm: str = ""         # the norm on sublayer outputs ("peri"/"output" blocks); "" = the sublayer's norm
-    qk_norm: str = ""             # a norm on queries and keys per head, gains of size head_dim ("" = none)
-    dyt_alpha: float = 0.5        # initial alpha of the "dyt" norm, gamma * tanh(alpha * x) + beta
-    dyt_alpha_attn: float = 0.0   # initial alpha of "dyt" at the attention norms (ln_1); 0 = dyt_alpha. The DyT
-                                  # paper's LLaMA recipe gives attention a larger one (7B: 0.8, elsewhere 0.2)
-    derf_alpha: float = 0.5       # initial alpha of the "derf" norm, gamma * erf(alpha * x + s) + beta
-    norm_eps: float = 1e-5        # explicit, never a library default
-    norm_gain: bool = True        # learnable gain in every norm
-    prms_fraction: float = 0.0625  # pRMSNorm: share of features the RMS is estimated from
-    embed_norm: str = ""          # a norm on the token (+ position) embedding before the first block ("" = none)
-    embed_scale: float = 0.0      # > 0: the embedding times a learned scalar initialised to this. 50 (= 1 / 0.02)
-                                  # gives our N(0, 0.02) embedding unit RMS, as the DyT paper's LLaMA recipe does
-                                  # (sqrt(d) times an N(0, 1/d) embedding): DyT has no statistics to rescale it
-    norm_scaling: str = "none"    # "layer": block i's input norms times 1/sqrt(i + 1) (LayerNorm Scaling, Sun et al. 2025)
-    fused_add_norm: bool = False  # pre-norm + RMS norms only: each residual add and the norm after it run
-                                  # as one Triton kernel (kernels/rmsnorm_triton.py); same math as unfused
+                                "to fp32 and then to the embedding's dtype as Gemma does")
+    sliding_window: int = key(0, "model", help="a local block's query sees itself and the sliding_window - 1 tokens "
+                              "before it; 0 = no local attention")
+    block_attention: str | list = key("", "model", help="per block, as block_positions: 'local' (sliding window) or "
+                                      "'global', e.g. 'local*5,global' (Gemma 3); '' = every block local when "
+                                      "sliding_window > 0, else global")
+    rope_local_theta: float = key(0.0, "model", help="RoPE base of the local blocks; 0 = rope_theta (Gemma 3: 10000 "
+                                  "local, 1000000 global)")
+    # --- normalization (model/norms.py has the registry of names) ---
+    norm: str = key("layernorm", "model", "norm", help="the norm at every site unless a key below overrides it")
+    attn_norm: str = key("", "model", "norm", help='the attention-sublayer norm of every block ("" = norm)')
+    mlp_norm: str = key("", "model", "norm", help='the MLP-sublayer norm of every block ("" = norm)')
+    final_norm: str = key("", "model", "norm", help='the norm before the output head ("" = norm)')
+    block_norms: str | list = key("", "model", help='per block: "layernorm*2,rmsnorm*2"; "layernorm/rmsnorm" = '
+                                  'attn/mlp pair')
+    norm_position: str = key("pre", "model", help='"pre" (GPT-2), "post" (original Transformer), "peri" (norm on the '
+                             'input and the output of each sublayer: Peri-LN, Gemma\'s sandwich) or "output" (only '
+                             'on the sublayer output: OLMo 2); see model/gpt.py')
+    block_positions: str | list = key("", "model", help='per block, as block_norms: "post*2,pre*2" (Mix-LN); "" = '
+                                      'norm_position')
+    output_norm: str = key("", "model", "norm", help='the norm on sublayer outputs ("peri"/"output" blocks); "" = '
+                           'the sublayer\'s norm')
+    qk_norm: str = key("", "model", "norm", help='a norm on queries and keys per head, gains of size head_dim '
+                       '("" = none)')
+    dyt_alpha: float = key(0.5, "model", help='initial alpha of the "dyt" norm, gamma * tanh(alpha * x) + beta')
+    dyt_alpha_attn: float = key(0.0, "model", help='initial alpha of "dyt" at the attention norms (ln_1); 0 = '
+                                'dyt_alpha (the DyT paper\'s LLaMA recipe gives attention a larger one)')
+    derf_alpha: float = key(0.5, "model", help='initial alpha of the "derf" norm, gamma * erf(alpha * x + s) + beta')
+    norm_eps: float = key(1e-5, "model", help="epsilon inside every norm (explicit, never a library default)")
+    norm_gain: bool = key(True, "model", help="a learnable gain in every norm")
+    prms_fraction: float = key(0.0625, "model", help="pRMSNorm: share of features the RMS is estimated from")
+    embed_norm: str = key("", "model", "norm", help='a norm on the token (+ position) embedding before the first '
+                          'block ("" = none)')
+    embed_scale: float = key(0.0, "model", help="> 0: the embedding times a learned scalar initialised to this (50 "
+                             "gives our N(0, 0.02) embedding unit RMS, as DyT's LLaMA recipe does)")
+    norm_scaling: str = key("none", "model", help='"layer": block i\'s input norms times 1/sqrt(i + 1) (LayerNorm '
+                            'Scaling, Sun et al. 2025); "none"')
+    fused_add_norm: bool = key(False, "implementation", help="pre-norm + RMS norms only: each residual add and the "
+                               "norm after it run as one Triton kernel; same math as unfused")
     # --- data ---
-    data: str = "stdlib"          # "stdlib" (embedded), a path or glob of text files, or "hf:<dataset>"
-    hf_config: str = ""           # Hugging Face dataset config name
-    hf_split: str = "train"
-    hf_text_column: str = "text"
-    hf_streaming: bool = False
-    hf_max_documents: int = 0     # 0 = all documents (set it when streaming a large dataset)
-    hf_revision: str = ""         # a hub dataset's git revision (part of the cache key; "" = latest)
-    tokenizer: str = ""           # path to an existing tokenizer.json ("" = train byte-level BPE)
-    eod_token: str = ""           # the given tokenizer's end-of-document token ("" = find it among its special tokens)
-    doc_windows: bool = key(False, "data", "evaluation",
-                            help="validation windows start where documents start, each with the end-of-document "
-                                 "token first, not at evenly spaced offsets; set from a pretrained checkpoint whose "
-                                 "tokenizer starts every text with <bos> (Gemma), whose eod_token is then <bos>")
-    tokenizer_train_bytes: int = 200_000_000  # BPE is trained on the first this-many bytes of the training split
-    prepare_workers: int = 0      # tokenizer processes when preparing data (0 = one per CPU)
-    val_fraction: float = 0.05    # share of documents held out for validation
-    cache_dir: str = "cache"      # tokenizers and token memmaps, keyed by corpus hash and vocab size
+    data: str = key("stdlib", "data", "tokenizer", help='"stdlib" (embedded), a path or glob of text files, or '
+                    '"hf:<dataset>"')
+    hf_config: str = key("", "data", "tokenizer", help="Hugging Face dataset config name")
+    hf_split: str = key("train", "data", "tokenizer", help="Hugging Face dataset split")
+    hf_text_column: str = key("text", "data", "tokenizer", help="the dataset column that holds the text")
+    hf_streaming: bool = key(False, "data", "tokenizer", help="stream the dataset instead of downloading it whole")
+    hf_max_documents: int = key(0, "data", "tokenizer", help="0 = all documents (set it when streaming a large "
+                                "dataset)")
+    hf_revision: str = key("", "data", "tokenizer", help='a hub dataset\'s git revision (part of the cache key; "" = '
+                           'latest)')
+    tokenizer: str = key("", "tokenizer", help='path to an existing tokenizer.json ("" = train byte-level BPE)')
+    eod_token: str = key("", "tokenizer", help='the given tokenizer\'s end-of-document token ("" = find it among '
+                         'its special tokens)')
+    doc_windows: bool = key(False, "data", "evaluation", help="validation windows start where documents start, each "
+                            "with the end-of-document token first, not at evenly spaced offsets; set from a pretrained "
+                            "checkpoint whose tokenizer starts every text with <bos> (Gemma), whose eod_token is then <bos>")
+    tokenizer_train_bytes: int = key(200_000_000, "tokenizer", help="BPE is trained on the first this-many bytes "
+                                     "of the training split")
+    prepare_workers: int = key(0, "housekeeping", help="tokenizer processes when preparing data (0 = one per CPU)")
+    val_fraction: float = key(0.05, "data", "evaluation", help="share of documents held out for validation")
+    cache_dir: str = key("cache", "housekeeping", help="tokenizers and token memmaps, keyed by corpus hash and "
+                         "vocab size")
     # --- training ---
-    out_dir: str = "runs/default"
-    seed: int = 1337
-    batch_size: int = 16          # sequences per process per micro-step
-    grad_accum: int = 1
-    max_steps: int = 400
-    learning_rate: float = 3e-3
-    min_lr: float = 3e-4          # cosine decay floor
-    warmup_steps: int = 40
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0        # 0 = off
-    mixed_precision: str = "no"   # "no", "bf16" or "fp16"
-    compile: bool = False
-    device: str = "auto"          # "auto" (accelerate picks) or "cpu"
-    eval_interval: int = 100
-    eval_windows: int = 320       # the FIXED validation set: this many context windows, whatever the batch size
-    log_interval: int = 10
-    keep_checkpoints: int = 2
-    z_loss: float = 0.0           # coefficient of the auxiliary loss mean(log(Z)^2) on the output softmax
-                                  # (Wortsman et al. 2023; OLMo 2: 1e-5); logged as train_z_loss
-    max_bad_steps: int = 5        # stop after this many non-finite (skipped) steps in a row
-    diagnostics: bool = False     # per-layer norm statistics at eval steps -> diagnostics.jsonl (model/diagnostics.py)
+    out_dir: str = key("runs/default", "housekeeping", help="the run folder: config, metrics, checkpoints")
+    seed: int = key(1337, "training", help="initial weights and data order")
+    batch_size: int = key(16, "training", help="sequences per process per micro-step")
+    grad_accum: int = key(1, "training", help="micro-steps per optimizer step")
+    max_steps: int = key(400, "schedule", help="optimizer steps; the cosine schedule ends here")
+    learning_rate: float = key(3e-3, "schedule", help="peak learning rate, after warmup")
+    min_lr: float = key(3e-4, "schedule", help="cosine decay floor")
+    warmup_steps: int = key(40, "schedule", help="linear warmup steps")
+    weight_decay: float = key(0.1, "training", help="AdamW weight decay on matrices (not on norms, biases)")
+    beta1: float = key(0.9, "training", help="AdamW beta1")
+    beta2: float = key(0.95, "training", help="AdamW beta2")
+    grad_clip: float = key(1.0, "training", help="clip the gradient's global norm to this; 0 = off")
+    mixed_precision: str = key("no", "training", help='"no", "bf16" or "fp16"')
+    compile: bool = key(False, "implementation", help="torch.compile the model")
+    device: str = key("auto", "implementation", help='"auto" (accelerate picks) or "cpu"')
+    eval_interval: int = key(100, "housekeeping", help="evaluate and save a checkpoint every this many steps")
+    eval_windows: int = key(320, "evaluation", help="the fixed validation set: this many context windows, whatever "
+                            "the batch size")
+    log_interval: int = key(10, "housekeeping", help="log the train loss every this many steps")
+    keep_checkpoints: int = key(2, "housekeeping", help="how many of the newest checkpoints to keep")
+    z_loss: float = key(0.0, "loss", help="coefficient of the auxiliary loss mean(log(Z)^2) on the output softmax "
+                        "(Wortsman et al. 2023; OLMo 2: 1e-5); logged as train_z_loss")
+    max_bad_steps: int = key(5, "housekeeping", help="stop after this many non-finite (skipped) steps in a row")
+    diagnostics: bool = key(False, "housekeeping", help="per-layer norm statistics at eval steps -> "
+                            "diagnostics.jsonl (model/diagnostics.py)")
     # --- experiment trackers (through accelerate; each is an optional package) ---
-    trackers: str | list = ""     # e.g. ["tensorboard"] or "tensorboard,wandb"; "" = none
-    tracker_project: str = ""     # the trackers' project; "" = the run folder's name (compare.py: the comparison's)
-    tracker_run_name: str = ""    # the run's name in it; "" = the run folder's name (compare.py: "<variant>/seed<seed>")
+    trackers: str | list = key("", "housekeeping", help='e.g. ["tensorboard"] or "tensorboard,wandb"; "" = none')
+    tracker_project: str = key("", "housekeeping", help='the trackers\' project; "" = the run folder\'s name')
+    tracker_run_name: str = key("", "housekeeping", help='the run\'s name in it; "" = the run folder\'s name')
 
     def validate(self):
         """Checks that need no other module; the norm names and stack are checked by
@@ -232,6 +263,41 @@ def _parse_cli_value(name, text, expected):
 
 
 FIELD_TYPES = {f.name: f.type for f in fields(Config)}
+KEY_TAGS = {f.name: f.metadata["tags"] for f in fields(Config)}
+assert all(tags and tags <= set(TAGS) for tags in KEY_TAGS.values()), "every Config key needs known tags"
+
+
+def keys_tagged(*tags):
+    """The keys that carry any of these tags, in Config's order."""
+    return tuple(name for name, key_tags in KEY_TAGS.items() if key_tags & set(tags))
+
+
+RESUMABLE_KEYS = tuple(name for name, tags in KEY_TAGS.items() if tags <= RESUMABLE_TAGS)
+MEANING = {"model": "the model", "norm": "the model", "loss": "the loss", "training": "how it trains",
+           "data": "the data", "tokenizer": "the tokenizer", "evaluation": "what is measured"}
+
+
+def resume_refusal(saved: Config, config: Config):
+    """One line naming each key that differs between a run's saved config and this one but may not
+    change on a resume (what it would change, and which keys may), or None."""
+    changed = [name for name in KEY_TAGS if name not in RESUMABLE_KEYS and getattr(saved, name) != getattr(config, name)]
+    if not changed:
+        return None
+    what = sorted({MEANING[t] for name in changed for t in KEY_TAGS[name] if t in MEANING})
+    diffs = ", ".join(f"{k} {getattr(saved, k)!r} -> {getattr(config, k)!r}" for k in changed)
+    return (f"{diffs} would change {' and '.join(what)}; a resume may change only "
+            f"{', '.join(RESUMABLE_KEYS)} (docs/reliability.md)")
+
+
+def config_help():
+    """Every key with its type, default, tags and help line: what `train.py --help` prints."""
+    lines = []
+    for f in fields(Config):
+        kind = "str or list" if f.type == (str | list) else f.type.__name__
+        lines.append(f"  --{f.name}={kind.upper().replace(' ', '_')}  (default {f.default!r}; "
+                     f"{', '.join(t for t in TAGS if t in f.metadata['tags'])})")
+        lines.append(f"      {f.metadata['help']}")
+    return "\n".join(lines)
 
 
 def _check_key(name):

@@ -1,11 +1,11 @@
 """Train a GPT whose norms come from the config.
 
-    python train.py configs/default.toml [--key=value ...] [--resume]
+    python train.py configs/default.toml [--key=value ...]
+    python train.py --resume runs/default [--max_steps=...]    (python train.py --help lists every key)
     accelerate launch --multi_gpu --num_processes 2 train.py configs/default.toml
 
 `train(config)` is the whole training loop as a function; compare.py calls it for every variant.
 """
-import math
 import random
 import sys
 import time
@@ -19,27 +19,21 @@ from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 import hf
-from config import UserError, check_folder, load_config, run_main
-from data.batches import TrainBatches
+from config import (RESUMABLE_KEYS, UserError, apply_overrides, check_folder, config_from_json, config_help,
+                    load_config, parse_cli_overrides, run_main)
+from data.batches import TrainBatches, diagnostics_batch
 from data.prepare import check_data_size, prepare_data
-from data.tokenizer import token_byte_lengths
+from data.tokenizer import token_byte_lengths, window_start_token
 from model import GPT, check_model_config
 from model.diagnostics import Diagnostics
 from model.gpt import z_loss
-from training.checkpoint import (Counters, check_resumable, list_checkpoints, load_checkpoint,
+from training.checkpoint import (CONFIG, Counters, check_resumable, list_checkpoints, load_checkpoint,
                                  newest_intact_checkpoint, save_checkpoint, track_training_state)
 from training.distributed import (check_shared_run_folder, decided_on_main, held_by_main_process, make_accelerator,
                                   release_accelerator)
-from training.evaluation import evaluate_loss_and_bpb, first_validation_batch
+from training.evaluation import evaluate_loss_and_bpb
+from training.optimizer import build_optimizer, learning_rate
 from training.runlog import RunLog, run_folder_lock
-
-
-def learning_rate(step, config):
-    """Linear warmup to learning_rate, then cosine decay to min_lr at max_steps."""
-    if step < config.warmup_steps:
-        return config.learning_rate * (step + 1) / config.warmup_steps
-    progress = min(1.0, (step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps))
-    return config.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (config.learning_rate - config.min_lr)
 
 
 def seed_everything(seed):
@@ -86,6 +80,10 @@ def check_run_folder(run_dir, resume):
 
 def _train(config, resume, log, accelerator):
     run_dir = Path(config.out_dir)
+    if config.max_steps < config.warmup_steps:
+        log(f"warning: max_steps ({config.max_steps}) < warmup_steps ({config.warmup_steps}): the run ends inside "
+            f"its warmup, at a rate of {learning_rate(config.max_steps - 1, config):.3g} (learning_rate is "
+            f"{config.learning_rate:.3g})")
 
     # --- data: one process per machine builds a missing cache; the others poll its folder rather
     # than wait inside a collective, which would time out on a large corpus
@@ -95,10 +93,10 @@ def _train(config, resume, log, accelerator):
     sharding = "FSDP2" if accelerator.distributed_type == DistributedType.FSDP else "none"
     if resume:  # the newest checkpoint that passes its manifest's checks; newer damaged ones are named
         start = Path(decided_on_main(accelerator, lambda: str(newest_intact_checkpoint(run_dir, True, log))))
-        check_resumable(start, config, data.tokenizer_hash, accelerator.num_processes, sharding)
+        saved = check_resumable(start, config, data.tokenizer_hash, accelerator.num_processes, sharding)
 
     # --- model, optimizer, and the state a checkpoint restores
-    model, optimizer, fused = build_model(config, accelerator, log, sharding, resume)
+    model, optimizer, schedule = build_model(config, accelerator, log, sharding, resume)
     batches = TrainBatches(train_tokens, config.block_size, config.batch_size, config.seed,
                            accelerator.process_index, accelerator.num_processes)
     counters = Counters()
@@ -106,6 +104,13 @@ def _train(config, resume, log, accelerator):
     if resume:
         load_checkpoint(start, accelerator)
         log(f"resumed from {start} at step {counters.step}")
+        if counters.step >= config.max_steps:
+            log(f"the run has already reached max_steps = {config.max_steps}: nothing to train, only its final "
+                f"evaluation (continue it with --max_steps=N)")
+        before, after = learning_rate(counters.step, saved), learning_rate(counters.step, config)
+        if before != after:  # max_steps, learning_rate, min_lr or warmup_steps changed: a new schedule from here
+            log(f"the learning-rate schedule changed: at step {counters.step} the rate was {before:.3g}, it is now "
+                f"{after:.3g}")
     meta = {"tokenizer_hash": data.tokenizer_hash, "corpus_hash": data.corpus_hash, "sharding": sharding}
 
     # --- where each log step goes
@@ -114,15 +119,14 @@ def _train(config, resume, log, accelerator):
         runlog.start(config, data.tokenizer_path, counters.step)
     diagnostics = None
     if config.diagnostics:
-        # one batch of fixed validation windows, spread over the whole validation split
-        x = first_validation_batch(val_tokens, config, accelerator.device)
+        x = diagnostics_batch(val_tokens, config.block_size, config.batch_size, accelerator.device,
+                              window_start_token(config))
         diagnostics = Diagnostics(accelerator.unwrap_model(model), x)
     if config.tracker_names():
         start_trackers(accelerator, config, counters.step)
     record = Recorder(runlog, diagnostics, accelerator, config.tracker_names())
-    # fp16's grad scaler owns the optimizer's on-device skip flag, so fp16 asks the host every step
     non_finite = NonFiniteSteps(accelerator.device, counters.bad_steps_in_row, config.max_bad_steps,
-                                on_device=fused and config.mixed_precision != "fp16")
+                                on_device=schedule.skips_on_device)
 
     # --- the loop
     token_bytes = torch.from_numpy(token_byte_lengths(data.load_tokenizer()))  # val_bpb's byte counts
@@ -138,9 +142,7 @@ def _train(config, resume, log, accelerator):
     # for the device, so only a sync says they are done; evaluation and saving are left out
     interval_tokens, interval_start, interval_first, train_loss = 0, time.perf_counter(), counters.step + 1, None
     while counters.step < config.max_steps:
-        lr = learning_rate(counters.step, config)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        lr = schedule.set_step(counters.step, config, optimizer)
         step_loss, step_z_loss = forward_backward(model, batches, config, accelerator)
         # once per optimizer step, on synced gradients; with grad_clip = 0 this only measures the norm
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.grad_clip or float("inf"))
@@ -207,7 +209,8 @@ def _train(config, resume, log, accelerator):
 
 
 def build_model(config, accelerator, log, sharding, resume=False):
-    """(model, optimizer, fused) prepared by accelerate. Every process builds the same initial weights
+    """(model, optimizer, training.optimizer.Optimizer) prepared by accelerate: the second is the wrapper
+    accelerate returns, the third knows the groups' rates and whether a step can be skipped on the device. Every process builds the same initial weights
     (FSDP shards each process's own copy; nothing broadcasts them), then draws from a random stream of
     its own: distinct dropout masks."""
     seed_everything(config.seed)
@@ -218,17 +221,11 @@ def build_model(config, accelerator, log, sharding, resume=False):
     log(model.describe_norms())
     log(f"parameters: {model.num_params():,}  |  processes: {accelerator.num_processes}  |  "
         f"device: {accelerator.device}  |  precision: {config.mixed_precision}  |  sharding: {sharding}")
-    # fused AdamW: one kernel for all parameters, and it can skip a step on the device (NonFiniteSteps)
-    fused = accelerator.device.type in FUSED_ADAMW_DEVICES
-    optimizer = torch.optim.AdamW(model.optimizer_groups(config.weight_decay), lr=config.learning_rate,
-                                  betas=(config.beta1, config.beta2), fused=fused)
+    schedule = build_optimizer(model, config, accelerator.device.type)
     if config.compile:
         model = torch.compile(model)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    return model, optimizer, fused
-
-
-FUSED_ADAMW_DEVICES = ("cuda", "cpu", "xpu", "mps")  # where torch.optim.AdamW(fused=True) has a kernel
+    model, optimizer = accelerator.prepare(model, schedule.optimizer)
+    return model, optimizer, schedule
 
 
 def forward_backward(model, batches, config, accelerator):
@@ -270,12 +267,10 @@ def step_is_finite(step_loss, grad_norm, config, accelerator):
 class NonFiniteSteps:
     """Skips optimizer steps whose loss or gradient is not finite, without a host sync per step.
 
-    The finite flag stays on the device: fused AdamW reads it as its `found_inf` attribute (torch's
-    protocol, the one its grad scaler uses, set for the one call) and leaves weights, moments and step
-    count untouched when it is set. The counts stay on the device too; the host reads them at log
+    The finite flag stays on the device, where the optimizer can read it (training.optimizer.Optimizer's
+    skips_on_device: set as `found_inf` for the one call). The counts stay on the device too; the host reads them at log
     steps, where it waits for the device anyway, so a run that went max_bad_steps in a row is stopped
-    at the next log step, before any checkpoint. Without on-device skipping (no fused kernel here, or
-    fp16) the host decides every step."""
+    at the next log step, before any checkpoint. Without on-device skipping the host decides every step."""
 
     def __init__(self, device, in_row, max_in_row, on_device):
         self.on_device, self.max_in_row = on_device, max_in_row
@@ -348,13 +343,56 @@ def tracker_scalars(entry, diagnostics=None):
     return scalars
 
 
+USAGE = """usage: python train.py <config.toml> [--key=value ...]      start a run in out_dir
+       python train.py --resume <run folder> [--key=value ...]  continue a run from its saved config
+       python train.py <config.toml> [--key=value ...] --resume  continue out_dir's run (same config)
+       accelerate launch [...] train.py <config.toml> [--key=value ...]"""
+
+
+def resume_config(run_dir, overrides):
+    """The saved config of the run in run_dir (its latest launch's config.json, else its newest
+    checkpoint's) with overrides, which may change only keys a resume may change."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"--resume: {str(run_dir)!r} is not a folder; give the run folder to continue (its out_dir)")
+    saved = run_dir / CONFIG if (run_dir / CONFIG).is_file() else None
+    if saved is None:
+        checkpoints = list_checkpoints(run_dir)
+        if not checkpoints:
+            raise UserError(f"--resume: {str(run_dir)!r} holds no run (no config.json, no checkpoints/)")
+        saved = checkpoints[-1] / CONFIG
+    values = parse_cli_overrides(overrides)
+    refused = [k for k in values if k not in RESUMABLE_KEYS or k == "out_dir"]
+    if refused:
+        raise UserError(f"--resume {str(run_dir)!r}: {', '.join('--' + k for k in refused)} cannot change on a "
+                        f"resume; a resume may change only {', '.join(k for k in RESUMABLE_KEYS if k != 'out_dir')}")
+    config = config_from_json(saved)
+    return apply_overrides(config, {**values, "out_dir": str(run_dir)}).validate()
+
+
 def main():
     args = sys.argv[1:]
-    resume = "--resume" in args
-    args = [a for a in args if a != "--resume"]
-    if not args or args[0].startswith("--"):
-        raise UserError("usage: python train.py <config.toml> [--key=value ...] [--resume]")
-    config = load_config(args[0], args[1:])
+    if {"-h", "--help"} & set(args):
+        print(f"{USAGE}\n\nConfig keys (in a TOML file as key = value, or on the command line as --key=value;\n"
+              f"tags say what a key changes; a resume may change only schedule, housekeeping and\n"
+              f"implementation keys):\n{config_help()}")
+        return
+    resume = any(a == "--resume" or a.startswith("--resume=") for a in args)
+    folder = next((a.split("=", 1)[1] for a in args if a.startswith("--resume=")), None)
+    if "--resume" in args:
+        i = args.index("--resume")
+        if i + 1 < len(args) and not args[i + 1].startswith("--"):
+            folder = args.pop(i + 1)
+    args = [a for a in args if not (a == "--resume" or a.startswith("--resume="))]
+    if folder is not None:
+        if args and not args[0].startswith("--"):
+            raise UserError(f"--resume {folder!r} takes no config file ({args[0]!r}): the run folder holds its config")
+        config = resume_config(folder, args)
+    elif not args or args[0].startswith("--"):
+        raise UserError("no config file; usage: python train.py <config.toml> [--key=value ...], or "
+                        "python train.py --resume <run folder>; python train.py --help lists every key")
+    else:
+        config = load_config(args[0], args[1:])
     train(config, resume=resume)
 
 

@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import data.batches as batches  # noqa: E402
 import train  # noqa: E402
+import training.optimizer as optimizer  # noqa: E402
 from config import load_config  # noqa: E402
 from data.prepare import prepare_data  # noqa: E402
 from study.report import device_name, machine  # noqa: E402
@@ -49,14 +50,14 @@ def pageable_windows(tokens, offsets, block_size, device="cpu"):
 @contextmanager
 def synced_step():
     """The trainer with the step it had before: swapped in for one run, then restored."""
-    saved = train.FUSED_ADAMW_DEVICES, batches.TrainBatches.prefetch, batches.windows
-    train.FUSED_ADAMW_DEVICES = ()  # unfused AdamW: NonFiniteSteps asks the host every step
+    saved = optimizer.FUSED_ADAMW_DEVICES, batches.TrainBatches.prefetch, batches.windows
+    optimizer.FUSED_ADAMW_DEVICES = ()  # unfused AdamW: NonFiniteSteps asks the host every step
     batches.TrainBatches.prefetch = lambda self, device="cpu": None
     batches.windows = pageable_windows
     try:
         yield
     finally:
-        train.FUSED_ADAMW_DEVICES, batches.TrainBatches.prefetch, batches.windows = saved
+        optimizer.FUSED_ADAMW_DEVICES, batches.TrainBatches.prefetch, batches.windows = saved
 
 
 VARIANTS = {"current": nullcontext, "synced": synced_step}

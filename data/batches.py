@@ -94,3 +94,12 @@ def validation_batches(tokens, block_size, batch_size, n_windows, rank=0, world_
             y[n_real:] = IGNORE
         yield x, y, n_real
         start += rows * world_size
+
+
+def diagnostics_batch(tokens, block_size, batch_size, device="cpu", start_token=None):
+    """The inputs every per-layer measurement of a run uses (the trainer's diagnostics, the probe's
+    once-off measurement): the first batch_size fixed validation windows, spread over the split
+    (start_token: see validation_offsets)."""
+    x, _, _ = next(validation_batches(tokens, block_size, batch_size, batch_size, device=device,
+                                      start_token=start_token))
+    return x

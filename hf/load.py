@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from config import Config, UserError, apply_overrides
+from config import KEY_TAGS, Config, UserError, apply_overrides
 from hf.families import config_from_hf, import_state
 from hf.gguf import PACKAGED, dequantized_folder, gguf_origin, is_gguf
 from model.diagnostics import site_name
@@ -29,7 +29,6 @@ from model.norms import check_model_config, make_norm, resolve_block_positions, 
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 LOCAL_SUFFIXES = (".gguf", ".json", ".safetensors", ".bin", ".toml", ".pt")  # a name ending so is a file, not a hub id
-NORM_KEYS = ("norm", "qk_norm")  # imported keys a user may change (attn_norm, mlp_norm, ... are not imported)
 READERS = {"ln_1": ["attn.c_attn"], "ln_2": ["mlp.c_fc", "mlp.c_up"]}  # the Linears that read a block norm's output
 
 
@@ -212,7 +211,7 @@ def resolve_init_from(config):
         mine = getattr(config, key)
         if mine == getattr(defaults, key) or agrees(key, mine, theirs, config):
             resolved[key] = theirs
-        elif (key == "block_size" and mine < theirs) or (key in NORM_KEYS and theirs and mine):
+        elif (key == "block_size" and mine < theirs) or ("norm" in KEY_TAGS[key] and theirs and mine):
             resolved[key] = mine  # a shorter context, or a norm change (checked by norm_changes)
         else:
             conflicts.append(f"{key} = {mine!r} (the checkpoint's: {theirs!r})")

@@ -121,7 +121,7 @@ class GPT(nn.Module):
             self.embed_scale = nn.Parameter(torch.tensor(float(config.embed_scale)))
         if config.scale_embedding:  # Gemma's constant sqrt(d), rounded as transformers rounds it: to fp32, then
             # to the embedding's dtype (sqrt(640) = 25.2982 is 25.25 in bf16); per dtype, a plain Python number
-            sqrt_d = torch.tensor(math.sqrt(config.n_embd), dtype=torch.float32)
+            sqrt_d = torch.tensor(math.sqrt(config.n_embd), dtype=torch.float32, device="cpu")  # also on meta init
             self.embedding_multiplier = {t: sqrt_d.to(t).item() for t in (torch.float64, torch.float32, torch.bfloat16, torch.float16)}
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.tie_weights()

@@ -31,12 +31,12 @@ import dataclasses
 
 import torch
 
-from config import UserError
+from config import UserError, keys_tagged
 from model.diagnostics import norm_sites, parse_site, site_name
 from model.layers import head_size
 from model.norms import NORMS, LayerNorm, parse_block_norms, resolve_block_positions
 
-NORM_KEYS = ("norm", "attn_norm", "mlp_norm", "final_norm", "qk_norm", "output_norm", "embed_norm")
+NORM_KEYS = keys_tagged("norm")  # every key that names a norm
 
 
 def target_norm(config):

@@ -25,6 +25,7 @@ from data.prepare import file_sha256
 from study import convert
 from training.checkpoint import (CONFIG, STATE, TOKENIZER, Counters, list_checkpoints, read_meta,
                                  save_checkpoint, track_training_state)
+from training.optimizer import build_optimizer
 from training.runlog import DIAGNOSTICS, METRICS, jsonl_lines_up_to, run_folder_lock, write_atomic
 
 TARGETS = ("rmsnorm",)
@@ -92,10 +93,8 @@ def write_checkpoint(out, model, config, folder, meta, tokenizer):
     accelerator = Accelerator(cpu=True)
     try:
         counters, data_state = source_counters(folder, meta)  # accelerate's loader needs its state made
-        # as train() builds it (fused AdamW on CPU): a resume loads these param-group settings back
-        optimizer = torch.optim.AdamW(model.optimizer_groups(config.weight_decay), lr=config.learning_rate,
-                                      betas=(config.beta1, config.beta2), fused=True)
-        prepared, optimizer = accelerator.prepare(model, optimizer)
+        # as train() builds it: a resume loads these param-group settings back
+        prepared, _ = accelerator.prepare(model, build_optimizer(model, config, "cpu").optimizer)
         batches = TrainBatches(np.zeros(config.block_size + 1, dtype=np.int64), config.block_size, config.batch_size,
                                config.seed)
         if data_state is not None:

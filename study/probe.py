@@ -20,11 +20,13 @@ from accelerate import Accelerator
 from config import UserError
 from data.prepare import prepare_data
 from kernels.rmsnorm import rms_norm
+from data.batches import diagnostics_batch
+from data.tokenizer import window_start_token
 from model.diagnostics import SITE_SLOTS, collect, norm_sites, parse_site, site_name, site_slot
 from model.norms import LayerNorm, upcast
 from study import plots
 from training.checkpoint import load_model
-from training.evaluation import evaluate, first_validation_batch
+from training.evaluation import evaluate
 from training.runlog import DIAGNOSTICS, read_diagnostics
 
 
@@ -168,7 +170,7 @@ def measure_once(model, config):
     windows, on the model's device."""
     device = next(model.parameters()).device
     val = prepare_data(config, log=lambda *a: None).tokens("val")
-    return collect(model, first_validation_batch(val, config, device))
+    return collect(model, diagnostics_batch(val, config.block_size, config.batch_size, device, window_start_token(config)))
 
 
 def run_diagnostics(run_dir, log=print):

@@ -24,6 +24,7 @@ FAMILIES = {  # id -> (family, config values): each mapping the import knows
                                     "num_key_value_heads": 4}),
     "qwen3": ("qwen3", {}),
     "qwen3-tied-mqa": ("qwen3", {"tie_word_embeddings": True, "num_key_value_heads": 1}),
+    "qwen3-head16": ("qwen3", {"head_dim": 16}),  # heads of 16 on a 32-wide stream (head_dim)
 }
 
 
@@ -176,7 +177,6 @@ REFUSED_IMPORTS = [  # (checkpoint family, its config values, what the one line 
     ("llama", {"attention_bias": True}, "attention_bias = True but MLP biases = False"),
     ("llama", {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope scaling 'linear' (plain RoPE maps)"),
     ("llama", {"hidden_act": "gelu"}, "hidden_act 'gelu' (SwiGLU is silu)"),
-    ("qwen3", {"head_dim": 16}, "head_dim 16 is not hidden_size / num_attention_heads = 8"),
     ("gpt2", {"activation_function": "relu"}, "activation_function 'relu' (these map: gelu_new, gelu_pytorch_tanh, gelu)"),
 ]
 
@@ -247,9 +247,9 @@ UNEXPORTABLE = [  # (our config, what the one line names)
     (dict(norm="seednorm", pos_emb="rope", mlp="swiglu"), "norm seednorm (LlamaForCausalLM has rmsnorm only)"),
     (dict(norm="prmsnorm", pos_emb="rope", mlp="swiglu"), "norm prmsnorm"),
     (dict(block_norms="layernorm,rmsnorm"), "norm rmsnorm (GPT2LMHeadModel has layernorm only)"),
-    (dict(block_positions="post,pre"), "norm positions post (the classes are pre-norm)"),
-    (dict(norm_position="peri"), "norm positions peri"),
-    (dict(logit_softcap=15.0), "logit_softcap (none of these classes soft-caps)"),
+    (dict(block_positions="post,pre"), "norm positions post (the classes are pre-norm, or peri in every block"),
+    (dict(block_positions="peri,pre"), "norm positions peri (the classes are pre-norm, or peri in every block: Gemma 3)"),
+    (dict(logit_softcap=15.0), "logit_softcap (of these classes only Gemma 3 soft-caps)"),
     (dict(embed_norm="layernorm"), "embed_norm"),
     (dict(embed_scale=50.0), "embed_scale"),
     (dict(norm_scaling="layer"), "norm_scaling = 'layer'"),

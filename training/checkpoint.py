@@ -36,7 +36,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-from config import UserError, config_from_json, save_config
+from config import UserError, config_from_json, resume_refusal, save_config
 from data.prepare import file_sha256
 
 WEIGHTS, STATE, CONFIG, TOKENIZER, META = "model.safetensors", "state", "config.json", "tokenizer.json", "meta.json"
@@ -44,13 +44,6 @@ MANIFEST = "manifest.json"
 OLD_TRAIN_STATE = "train_state.pt"  # the older format's training state: such checkpoints sample, never resume
 SAMPLE_FILES = (WEIGHTS, CONFIG, TOKENIZER, META)  # what sampling needs; a resume needs every file
 WRAPPER_PREFIXES = ("_orig_mod.", "module.")  # added by torch.compile and DDP
-# Keys that change the model's parameters or wiring: a resume may not change them.
-ARCHITECTURE_KEYS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias", "norm", "attn_norm",
-                     "mlp_norm", "final_norm", "block_norms", "norm_position", "norm_gain", "prms_fraction",
-                     "qk_norm", "block_positions", "output_norm", "dyt_alpha", "dyt_alpha_attn", "derf_alpha", "n_kv_head", "pos_emb",
-                     "rope_theta", "mlp", "mlp_hidden", "tie_embeddings", "logit_softcap", "embed_norm",
-                     "embed_scale", "norm_scaling", "head_dim", "query_pre_attn_scalar", "scale_embedding",
-                     "sliding_window", "block_attention", "rope_local_theta")
 
 
 def clean_state_dict(state_dict, tied=True):
@@ -233,24 +226,24 @@ def read_meta(folder):
 
 
 def check_resumable(folder, config, tokenizer_hash, num_processes, sharding="none"):
-    """Refuse a resume that would change the model's shape, its tokenizer, the process count or the
-    sharding (the training state of an FSDP run is saved in shards, of any other run whole)."""
+    """Refuse a resume that would change the run (config.resume_refusal says which keys may change),
+    its tokenizer, the process count or the sharding (the training state of an FSDP run is saved in
+    shards, of any other run whole). Returns the checkpoint's own config."""
     saved = config_from_json(folder / CONFIG)
-    changed = [k for k in ARCHITECTURE_KEYS if getattr(saved, k) != getattr(config, k)]
-    if changed:
-        diffs = ", ".join(f"{k} {getattr(saved, k)!r} -> {getattr(config, k)!r}" for k in changed)
-        raise UserError(f"cannot resume {str(folder)!r} with a different model ({diffs}); "
-                        f"only training settings such as max_steps or eval_interval may change")
+    refusal = resume_refusal(saved, config)
+    if refusal:
+        raise UserError(f"cannot resume {str(folder)!r}: {refusal}")
     meta = read_meta(folder)
     if meta["tokenizer_hash"] != tokenizer_hash:
         raise UserError(f"cannot resume {str(folder)!r}: this config's data gives a different tokenizer "
-                        f"(check data, vocab_size and val_fraction)")
+                        f"(the data or the tokenizer file changed since the run started)")
     if meta["num_processes"] != num_processes:
         raise UserError(f"cannot resume {str(folder)!r} with {num_processes} processes: it was saved by "
                         f"{meta['num_processes']} (data order and RNG streams are per process)")
     if meta.get("sharding", "none") != sharding:
         raise UserError(f"cannot resume {str(folder)!r} with sharding {sharding}: it was saved with sharding "
                         f"{meta.get('sharding', 'none')}; launch it with the same accelerate settings (FSDP or not)")
+    return saved
 
 
 def warn(message):

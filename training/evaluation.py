@@ -47,13 +47,6 @@ def evaluate_loss_and_bpb(model, val_tokens, config, accelerator, token_bytes=No
     return val_loss, (nats / (math.log(2) * nbytes) if nbytes else None)
 
 
-def first_validation_batch(val_tokens, config, device):
-    """The batch the diagnostics measure: the first batch_size of the fixed validation windows."""
-    x, _, _ = next(validation_batches(val_tokens, config.block_size, config.batch_size, config.batch_size,
-                                      device=device, start_token=window_start_token(config)))
-    return x
-
-
 def evaluate(model, val_tokens, config, accelerator):
     """Mean loss per token over the fixed validation windows (val_loss alone, as the probe needs)."""
     return evaluate_loss_and_bpb(model, val_tokens, config, accelerator)[0]
