@@ -34,9 +34,10 @@ from pathlib import Path
 from config import ArgumentParser, UserError, parse_cli_overrides, run_main
 from hf.sources import is_pretrained, load_source, output_name
 
-USAGE = ("usage: python analyze.py probe|diagnostics <run dir, transformers folder, hub id or .gguf file>  |  "
-         "python analyze.py convert <run dir, checkpoint, transformers folder, hub id or .gguf file> --to rmsnorm --out <new run dir>  |  "
-         "python analyze.py recentering <comparison dir, run dir, transformers folder, hub id or .gguf file> [--delta_threshold NATS] [--jobs N]  |  "
+SOURCE = "run dir, checkpoint, transformers folder, hub id, .gguf file or packaged model"
+USAGE = (f"usage: python analyze.py probe|diagnostics <{SOURCE}>  |  "
+         f"python analyze.py convert <{SOURCE}> --to rmsnorm --out <new run dir>  |  "
+         f"python analyze.py recentering <comparison dir or {SOURCE}> [--delta_threshold NATS] [--jobs N]  |  "
          "python analyze.py pairs <comparison dir>")
 PRETRAINED_DEFAULTS = {"eval_windows": 8, "batch_size": 4}  # CPU-sized for a 100M+ model: GPT-2 124M in ~25-45 min
 

@@ -123,9 +123,10 @@ class Config:
     tokenizer: str = key("", "tokenizer", help='path to an existing tokenizer.json ("" = train byte-level BPE)')
     eod_token: str = key("", "tokenizer", help='the given tokenizer\'s end-of-document token ("" = find it among '
                          'its special tokens)')
-    doc_windows: bool = key(False, "data", "evaluation", help="validation windows start where documents start, each "
-                            "with the end-of-document token first, not at evenly spaced offsets; set from a pretrained "
-                            "checkpoint whose tokenizer starts every text with <bos> (Gemma), whose eod_token is then <bos>")
+    doc_windows: bool = key(False, "data", "evaluation", help="validation windows start where documents start, "
+                            "each with the end-of-document token first, not at evenly spaced offsets; set from a "
+                            "pretrained checkpoint whose tokenizer starts every text with <bos> (Gemma), whose "
+                            "eod_token is then <bos>")
     tokenizer_train_bytes: int = key(200_000_000, "tokenizer", help="BPE is trained on the first this-many bytes "
                                      "of the training split")
     prepare_workers: int = key(0, "housekeeping", help="tokenizer processes when preparing data (0 = one per CPU)")

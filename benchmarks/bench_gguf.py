@@ -91,7 +91,8 @@ def main():
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     for r in rows:
-        print(f"{r['model']}: val loss ours {r['val_loss']['ours']:.4f}, transformers {r['val_loss']['transformers']:.4f} "
+        loss = r["val_loss"]
+        print(f"{r['model']}: val loss ours {loss['ours']:.4f}, transformers {loss['transformers']:.4f} "
               f"({r['windows']} windows of {r['block_size']}); max |Δ logit| {max(r['max_abs_logit_delta']):.2e}; "
               f"forward {r['forward_s_median']['ours']:.2f} s vs {r['forward_s_median']['transformers']:.2f} s")
     assert all(math.isfinite(r["val_loss"]["ours"]) for r in rows)
