@@ -10,6 +10,7 @@ per-feature gain, which starts from the old gains. A LayerNorm bias the new norm
 the bias of the Linear that reads the norm's output (exact: W(g*x + b) + c = W(g*x) + (Wb + c)); where
 no such Linear follows (the final norm: lm_head has no bias) the change is refused.
 """
+import difflib
 import json
 import os
 import re
@@ -108,6 +109,10 @@ def locate(source, log=print):
     if snapshot:
         return snapshot
     if not hub_reachable():
+        close = difflib.get_close_matches(str(source), PACKAGED, n=1)
+        if close:
+            raise UserError(f"no folder {str(source)!r} here, and no hub to ask; did you mean the packaged model "
+                            f"{close[0]!r}?")
         raise UserError(f"no folder {str(source)!r} here, and no hub to ask: as a hub id it needs the Hugging Face "
                         f"hub, which this machine cannot reach; where it can, save the model and its tokenizer "
                         f"(AutoModelForCausalLM / AutoTokenizer .from_pretrained({str(source)!r}).save_pretrained"

@@ -183,6 +183,8 @@ def test_a_hub_id_offline_is_one_line_at_once(monkeypatch, tmp_path):
         message = one_line_error(lambda: load_source(name))
         assert message.startswith(f"no folder {name!r} here, and no hub to ask: as a hub id it needs the Hugging "
                                   f"Face hub") and "give that folder" in message
+    assert one_line_error(lambda: load_source("smollm2-135m-instruct-q5")).endswith(
+        "no hub to ask; did you mean the packaged model 'smollm2-135m-instruct-q4'?")
 
 
 def test_a_pretrained_context_defaults_to_512(tmp_path, tokenizer_path):
