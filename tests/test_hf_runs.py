@@ -74,7 +74,7 @@ def test_export_of_an_unexportable_run_is_one_line_and_writes_nothing(tiny_confi
     done = run_cli("export.py", config.out_dir, str(tmp_path / "out"))
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
     assert done.stderr.startswith(f"error: cannot export {config.out_dir!r}: no transformers class represents "
-                                  f"logit_softcap (none of these classes soft-caps); norm dyt")
+                                  f"logit_softcap (of these classes only Gemma 3 soft-caps); norm dyt")
     assert not (tmp_path / "out").exists()
 
 
