@@ -65,7 +65,7 @@ def probe_or_diagnostics(command, source, args):
 
 
 def convert(argv):
-    from study.convert_run import run_convert
+    from study.convert_run import check_target, run_convert
     p = ArgumentParser(prog="analyze.py convert", hint="; " + USAGE)
     p.add_argument("source", help="a run dir (its newest intact checkpoint), a checkpoint folder, or a transformers "
                                   "checkpoint folder or hub id (then --key=value sets its config: block_size, data...)")
@@ -73,6 +73,7 @@ def convert(argv):
     p.add_argument("--out", required=True, help="the converted run folder (new)")
     p.add_argument("--windows", type=int, default=0, help="validation windows the logits are checked on (0 = all)")
     args, overrides = p.parse_known_args(argv)
+    check_target(args.to)  # before the source is loaded
     run_convert(load(args.source, overrides, {"eval_windows": 8}), args.to, args.out, args.windows)
 
 

@@ -128,11 +128,15 @@ def check_out(out, source_folder):
     return out
 
 
+def check_target(to):
+    if to not in TARGETS:
+        raise UserError(f"--to {to!r}: the exact conversion goes to {', '.join(TARGETS)}")
+
+
 def run_convert(source, to, out, windows=0, log=print):
     """Convert `source` (hf/sources.py's Source: a run's checkpoint, or a pretrained model, which the
     converted run then stands on its own from, its tokenizer copied in and no init_from)."""
-    if to not in TARGETS:
-        raise UserError(f"--to {to!r}: the exact conversion goes to {', '.join(TARGETS)}")
+    check_target(to)
     model, config, tokenizer = source.model, source.config, source.tokenizer
     pretrained = source.origin == "pretrained"
     if pretrained:
