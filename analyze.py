@@ -67,8 +67,9 @@ def probe_or_diagnostics(command, source, args):
 def convert(argv):
     from study.convert_run import check_target, run_convert
     p = ArgumentParser(prog="analyze.py convert", hint="; " + USAGE)
-    p.add_argument("source", help="a run dir (its newest intact checkpoint), a checkpoint folder, or a transformers "
-                                  "checkpoint folder or hub id (then --key=value sets its config: block_size, data...)")
+    p.add_argument("source", help="a run dir (its newest intact checkpoint), a checkpoint folder, or a pretrained model: "
+                                  "transformers folder, hub id, .gguf file or packaged model (then --key=value sets "
+                                  "its config: block_size, data...)")
     p.add_argument("--to", required=True, help="the norm every LayerNorm becomes: rmsnorm")
     p.add_argument("--out", required=True, help="the converted run folder (new)")
     p.add_argument("--windows", type=int, default=0, help="validation windows the logits are checked on (0 = all)")
