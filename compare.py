@@ -49,7 +49,7 @@ from training.checkpoint import list_checkpoints
 from config import (ArgumentParser, Config, UserError, apply_overrides, check_folder, keys_tagged, load_config,
                     read_toml, run_main)
 from model.norms import check_model_config
-from study.report import device_name, machine, markdown_table, ranking_metric, write_outputs
+from study.report import device_name, machine, markdown_table, write_outputs
 from training.runlog import RunFolderBusy, read_metrics, run_folder_lock, run_folder_owner, write_atomic
 from study.workers import run_in_workers
 
@@ -77,11 +77,6 @@ class Comparison:
     @property
     def base_variants(self):
         return list(dict.fromkeys(v for v, _ in self.points.values()))
-
-    @property
-    def metric(self):
-        """What the summary ranks by: final val loss, or val bits per byte when tokenizers differ."""
-        return ranking_metric([config for _, _, config in self.runs])
 
     def baseline_for(self, label):
         """The baseline variant at the same sweep value: points are tested against their own value."""
@@ -225,7 +220,7 @@ def _run_locked(row, config, target, worker, log):
         log(f"[{variant} seed {seed}] diverged: {row['error']}")
     else:
         keys = ["final_val_loss", "final_val_bpb", "best_val_loss", "final_train_loss", "tokens_per_s", "wall_seconds", "steps",
-                "n_params", "corpus_hash"]
+                "n_params", "corpus_hash", "tokenizer_hash"]
         row.update({k: result[k] for k in keys}, time_to_target_s=time_to_target(metrics, target))
         log(f"[{variant} seed {seed}] val loss {row['final_val_loss']:.4f}, {row['tokens_per_s']:,.0f} tokens/s")
     write_atomic(run_dir / "result.json", json.dumps({"row": row, "config": config.to_dict()}, indent=1))

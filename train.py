@@ -198,7 +198,7 @@ def _train(config, resume, log, accelerator):
         "best_val_loss": min(counters.best_val_loss, val_loss), "final_train_loss": train_loss,
         "tokens_per_s": counters.tokens_seen / max(counters.elapsed_s, 1e-9),
         "wall_seconds": counters.elapsed_s, "n_params": accelerator.unwrap_model(model).num_params(),
-        "corpus_hash": data.corpus_hash, "unigram_entropy": data.unigram_entropy,
+        "corpus_hash": data.corpus_hash, "tokenizer_hash": data.tokenizer_hash, "unigram_entropy": data.unigram_entropy,
         "skipped_steps": counters.skipped_steps,
     }
     bpb = f", {val_bpb:.4f} bits/byte" if val_bpb is not None else ""

@@ -35,6 +35,9 @@ from model.norms import (check_model_config, make_norm, norm_names_used, resolve
                          resolve_block_positions, resolve_norm_stack)
 
 
+LOGIT_CHUNK_ELEMENTS = 2 ** 26  # per chunk of token_losses: 256 MB of fp32 logits, 256 tokens of Gemma 3's
+
+
 class Block(nn.Module):
     def __init__(self, config, position, attn_norm, mlp_norm, index=0, rotary=None, window=0):
         super().__init__()
@@ -197,9 +200,11 @@ class GPT(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())  # tied weights are counted once
 
-    def forward(self, idx, targets=None, kv_caches=None, fused_add_norm=None):
+    def forward(self, idx, targets=None, kv_caches=None, fused_add_norm=None, per_token=False):
         """Logits (and the mean cross-entropy against targets). fused_add_norm: None = the config's
-        choice; False runs every norm as its own module call (the diagnostics' hooks see each one)."""
+        choice; False runs every norm as its own module call (the diagnostics' hooks see each one).
+        per_token: (None, each target's cross-entropy as (B, T), 0 where the target is -100),
+        computed over the output layer a chunk of tokens at a time (token_losses)."""
         B, T = idx.shape
         past = kv_caches[0].get("pos", 0) if kv_caches else 0
         if past + T > self.config.block_size:
@@ -223,14 +228,30 @@ class GPT(nn.Module):
             else:
                 x = block(x, kv_cache)
         _, h = add_then_norm(self.transformer.ln_f, x, delta)
-        logits = self.lm_head(h)
-        if self.config.logit_softcap:  # in fp32: tanh saturates early in bf16
-            c = self.config.logit_softcap
-            logits = c * torch.tanh(logits.float() / c)
+        if per_token:
+            return None, self.token_losses(h, targets)
+        logits = self.output_logits(h)
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
+
+    def output_logits(self, h):
+        logits = self.lm_head(h)
+        if self.config.logit_softcap:  # in fp32: tanh saturates early in bf16
+            c = self.config.logit_softcap
+            logits = c * torch.tanh(logits.float() / c)
+        return logits
+
+    def token_losses(self, h, targets):
+        """The cross-entropy of each target (targets' shape) from the final hidden states h, whose
+        logits are formed LOGIT_CHUNK_ELEMENTS at a time: with a large vocabulary (Gemma 3's 262,144
+        rows) the logits of a whole evaluation batch would not fit in memory."""
+        chunk = max(1, LOGIT_CHUNK_ELEMENTS // self.config.vocab_size)
+        h, flat = h.reshape(-1, h.size(-1)), targets.reshape(-1)
+        nats = [F.cross_entropy(self.output_logits(h[i:i + chunk]).float(), flat[i:i + chunk], reduction="none")
+                for i in range(0, flat.numel(), chunk)]
+        return torch.cat(nats).view(targets.shape)
 
     def optimizer_groups(self, weight_decay):
         """Weight decay on matrices (embeddings, linear weights) and on parameters a norm marks for it

@@ -19,24 +19,22 @@ from study import sweeps
 from training.runlog import read_diagnostics, read_metrics
 
 RESULT_KEYS = ["variant", "seed", "sweep_value", "status", "initial_val_loss", "final_val_loss", "final_val_bpb", "best_val_loss", "final_train_loss", "tokens_per_s",
-               "wall_seconds", "time_to_target_s", "steps", "n_params", "corpus_hash", "run_seconds", "load_at_start",
+               "wall_seconds", "time_to_target_s", "steps", "n_params", "corpus_hash", "tokenizer_hash", "run_seconds", "load_at_start",
                "device", "worker", "run_dir", "error"]
 P_THRESHOLD = 0.05
-# the config keys that decide the tokenizer: runs that differ in any of them have incomparable losses per token
-TOKENIZER_KEYS = ("data", "vocab_size", "tokenizer", "eod_token", "tokenizer_train_bytes", "hf_config", "hf_split",
-                  "hf_text_column", "hf_max_documents", "hf_revision", "val_fraction")
 METRIC_NAMES = {"final_val_loss": "final val loss (nats/token)", "final_val_bpb": "final val bits per byte"}
 
 
-def ranking_metric(configs):
-    """"final_val_loss", or "final_val_bpb" when the runs' tokenizers differ: a loss per token depends on
-    the tokenizer, bits per byte does not (training/evaluation.py)."""
-    same = all(all(getattr(c, k) == getattr(configs[0], k) for k in TOKENIZER_KEYS) for c in configs)
-    return "final_val_loss" if same else "final_val_bpb"
+def ranking_metric(rows):
+    """"final_val_loss", or "final_val_bpb" when the finished runs' tokenizers differ, by the hash of
+    the tokenizer each run recorded (a run without one counts as different): a loss per token depends
+    on the tokenizer, bits per byte does not (training/evaluation.py)."""
+    hashes = {r.get("tokenizer_hash") for r in rows if r["status"] == "ok"}
+    return "final_val_loss" if len(hashes) <= 1 else "final_val_bpb"
 
 
 def summarize(rows, comparison):
-    """Per variant: mean ± std of the ranking metric (comparison.metric: final val loss, or bits per byte
+    """Per variant: mean ± std of the ranking metric (ranking_metric: final val loss, or bits per byte
     when the tokenizers differ) over finished seeds, Welch t-test against the baseline.
 
     Verdict rule: a variant is called "lower"/"higher" than the baseline only when BOTH the Welch
@@ -49,7 +47,7 @@ def summarize(rows, comparison):
     paired_p (shown, not used by the verdict): a paired t-test on the per-seed differences. Runs of one
     seed share their batches and, when the variants change only norms, their random initial weights
     (norm parameters start at constants and draw no random numbers): the pairing is by design."""
-    metric = getattr(comparison, "metric", "final_val_loss")
+    metric = ranking_metric(rows)
     ok = [r for r in rows if r["status"] == "ok"]
     losses = {v: np.array([r[metric] for r in ok if r["variant"] == v]) for v in comparison.variants}
     summary = []
@@ -98,7 +96,7 @@ def fmt(value, spec, missing="–"):
 
 
 def markdown_table(summary, comparison):
-    metric = getattr(comparison, "metric", "final_val_loss")
+    metric = summary[0]["metric"] if summary else "final_val_loss"
     other = "val bpb (mean)" if metric == "final_val_loss" else "—"
     lines = [f"| variant | seeds | {METRIC_NAMES[metric]} (mean ± std) | Δ vs {comparison.baseline} | Welch p | verdict "
              f"| paired p | {other} | tokens/s | s to val ≤ {comparison.target_val_loss:g} |",
@@ -145,7 +143,7 @@ def write_outputs(rows, comparison, header):
     ok = [r for r in rows if r["status"] == "ok"]
     curves = {v: [read_metrics(r["run_dir"]) for r in ok if r["variant"] == v] for v in comparison.variants}
     plots.plot_loss_curves(curves, out / "val_loss_vs_step.png", out / "val_loss_vs_time.png", comparison.name)
-    metric = getattr(comparison, "metric", "final_val_loss")
+    metric = ranking_metric(rows)
     ranked = "Ranked by final val loss (the runs share one tokenizer)." if metric == "final_val_loss" else \
         "Ranked by val bits per byte: the runs' tokenizers differ, so their losses per token are not comparable."
     text = [f"# Comparison {comparison.name}", "", *header, "", ranked, "", markdown_table(summary, comparison), "",

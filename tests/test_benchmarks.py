@@ -2,6 +2,7 @@
 variant produced one): a benchmark that has rotted is found here, not on a lent GPU."""
 import json
 import os
+import statistics
 import subprocess
 import sys
 
@@ -51,6 +52,24 @@ def test_bench_trainer_times_both_steps(tmp_path, shared_cache):
     assert [row["step"] for row in rows] == ["current", "synced"] and all(row["ms_per_step"] > 0 for row in rows)
     assert "| current |" in out and "| synced |" in out
 
+
+
+def test_bench_trainer_compares_this_tree_with_a_commit_side_by_side(tmp_path, shared_cache):
+    """--against: the other commit in a temporary worktree, alternated rounds, a ratio per round; the
+    worktree is gone afterwards."""
+    out = run_benchmark("benchmarks/bench_trainer.py", "--config", "configs/tiny.toml", "--rounds", "2",
+                        "--steps", "6", "--log-interval", "2", "--threads", "1", "--against", "HEAD",
+                        "--set", f"cache_dir={shared_cache}", "--json", str(tmp_path / "sides.json"))
+    sides = json.loads((tmp_path / "sides.json").read_text())
+    assert list(sides) == ["this", "HEAD"]
+    assert all(len(runs) == 2 and all(r["tok_per_s"] > 0 and r["cpu_ms_per_step"] > 0 for r in runs)
+               for runs in sides.values())
+    row = next(line for line in out.splitlines() if line.startswith("| HEAD |"))
+    ratio = float(row.split("|")[4].split()[0])
+    assert ratio == pytest.approx(statistics.median(t["tok_per_s"] / h["tok_per_s"]
+                                                    for t, h in zip(sides["this"], sides["HEAD"])), abs=1e-3)
+    worktrees = subprocess.run(["git", "-C", str(ROOT), "worktree", "list"], capture_output=True, text=True).stdout
+    assert "bench_trainer_" not in worktrees
 
 def test_bench_norms_tune_times_every_candidate_launch(tmp_path):
     out = run_benchmark("benchmarks/bench_norms.py", "--smoke", "--tune", "--json", str(tmp_path / "launches.json"),

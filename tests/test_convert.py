@@ -1,6 +1,7 @@
 """The exact LayerNorm -> RMSNorm conversion (study/convert.py, `analyze.py convert`): the same logits
 for every stack it accepts, one-line refusals for those it does not, and a run folder that resumes,
 samples and probes."""
+import copy
 import json
 from pathlib import Path
 
@@ -63,6 +64,26 @@ def test_conversion_is_exact_and_leaves_no_layernorm(overrides, small_model_conf
     untied = (plan["stream"] or plan["embed"]) and model.config.tie_embeddings
     assert plan["untied_head"] == untied and config.tie_embeddings == (model.config.tie_embeddings and not untied)
 
+
+
+def test_exactness_runs_each_model_once_per_precision(small_model_config):
+    """Four forwards per batch (source and converted, fp32 and fp64), and the same four figures as
+    measuring each pair apart."""
+    model = perturbed(small_model_config(bias=True)).float()
+    converted = convert.convert_model(model.double())[0].float()
+    model.float()
+    batches = [torch.randint(0, 300, (2, 16)) for _ in range(3)]
+    calls = []
+    for m in (model, converted):  # deep copies (the fp64 models) keep the hook
+        m.register_forward_hook(lambda *_: calls.append(1))
+    checks = convert.exactness(model, converted, batches)
+    assert len(calls) == 4 * len(batches)
+    source64, converted64 = copy.deepcopy(model).double(), copy.deepcopy(converted).double()
+    assert checks == {"fp32": convert.max_logit_diff(model, converted, batches),
+                      "fp64": convert.max_logit_diff(source64, converted64, batches),
+                      "source_fp32_rounding": convert.max_logit_diff(model, source64, batches),
+                      "max_abs_logit": max(model(x)[0].abs().max().item() for x in batches)}
+    assert 0 < checks["fp32"] < 1e-4
 
 def test_rmsnorm_bias_is_rmsnorm_without_bias_and_layernorm_on_centered_input(small_model_config):
     x = torch.randn(5, 16, dtype=torch.float64) * 3 + 1

@@ -1,4 +1,5 @@
 """End to end: a tiny run trains, checkpoints, samples and resumes; entry points fail with one line."""
+import json
 import re
 from pathlib import Path
 
@@ -31,6 +32,9 @@ def test_tiny_run_learns_and_records_metrics(tiny_run):
     assert {"step", "train_loss", "val_loss", "lr", "tokens_seen", "elapsed_s", "tokens_per_s"} <= set(rows[-1])
     assert rows[-1]["tokens_seen"] == 40 * config.batch_size * config.block_size
     assert len(result["corpus_hash"]) == 64 and result["n_params"] > 0
+    # the tokenizer the run trained with, as its checkpoint records it (a comparison ranks by it)
+    meta = json.loads(next((Path(config.out_dir) / "checkpoints").glob("*/meta.json")).read_text())
+    assert len(result["tokenizer_hash"]) == 64 and result["tokenizer_hash"] == meta["tokenizer_hash"]
 
 
 @pytest.mark.slow
