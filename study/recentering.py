@@ -223,6 +223,10 @@ def label_needs(records, delta_threshold):
     return "decided above the threshold by the probe's interval" if decided else "|Δ| > threshold"
 
 
+def needs(record, delta_threshold):
+    return record["needs"] if "needs" in record else record["abs_delta"] > delta_threshold  # labelled, or not yet
+
+
 def held_out(records, statistic, delta_threshold):
     """Fit the threshold on one half of the runs, score it on the other, both ways round."""
     (a, b), how = folds(records)
@@ -230,8 +234,8 @@ def held_out(records, statistic, delta_threshold):
     for fit, test in ((a, b), (b, a)):
         if not fit or not test:
             continue
-        fv, fl = (np.array([r[statistic] for r in fit]), np.array([r["needs"] for r in fit]))
-        tv, tl = (np.array([r[statistic] for r in test]), np.array([r["needs"] for r in test]))
+        fv, fl = (np.array([r[statistic] for r in fit]), np.array([needs(r, delta_threshold) for r in fit]))
+        tv, tl = (np.array([r[statistic] for r in test]), np.array([needs(r, delta_threshold) for r in test]))
         t = fit_threshold(fv, fl)
         entry = {"n_fit": len(fit), "n_test": len(test), "positives_fit": int(fl.sum()), "positives_test": int(tl.sum()),
                  "threshold": t, "always_no_accuracy": float((~tl).mean())}
