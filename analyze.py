@@ -1,6 +1,7 @@
 """Look inside a trained run or a pretrained transformers model, or convert a run.
 
-    python analyze.py probe <run dir>         re-centering probe: which norm sites depend on mean subtraction?
+    python analyze.py probe <run dir> [--budget_s S --screen 8 --max_windows 64 --delta_threshold 0.01 --alpha 0.05]
+                                              re-centering probe: which norm sites depend on mean subtraction?
     python analyze.py diagnostics <run dir>   heatmaps of the run's diagnostics.jsonl (config.diagnostics)
     python analyze.py probe gpt2 [--block_size=512 --eval_windows=8 --data=stdlib --out_dir=...]
     python analyze.py probe smollm2-135m-instruct-q4     a .gguf file or a packaged model (hf/gguf.py)
@@ -35,7 +36,7 @@ from config import ArgumentParser, UserError, parse_cli_overrides, run_main
 from hf.sources import is_pretrained, load_source, output_name
 
 SOURCE = "run dir, checkpoint, transformers folder, hub id, .gguf file or packaged model"
-USAGE = (f"usage: python analyze.py probe|diagnostics <{SOURCE}>  |  "
+USAGE = (f"usage: python analyze.py probe|diagnostics <{SOURCE}> [probe options]  |  "
          f"python analyze.py convert <{SOURCE}> --to rmsnorm --out <new run dir>  |  "
          f"python analyze.py recentering <comparison dir or {SOURCE}> [--delta_threshold NATS] [--jobs N]  |  "
          "python analyze.py pairs <comparison dir>")
@@ -51,17 +52,52 @@ def load(source, args, defaults=PRETRAINED_DEFAULTS):
     return load_source(source, overrides=overrides)
 
 
-def probe_or_diagnostics(command, source, args):
-    from study.probe import measure_diagnostics, probe_model, run_diagnostics
-    if command == "diagnostics" and not is_pretrained(source):
+def add_probe_options(p):
+    from study.probe import MAX_WINDOWS, SCREEN
+    from study.recentering import DELTA_THRESHOLD
+    from study.staged import ALPHA
+    p.add_argument("--delta_threshold", type=float, default=DELTA_THRESHOLD,
+                   help=f"|Δ val loss| above which a site needs its re-centering state (default {DELTA_THRESHOLD})")
+    p.add_argument("--alpha", type=float, default=ALPHA, help=f"error rate of each site's decision (default {ALPHA})")
+    p.add_argument("--screen", type=int, default=SCREEN, help=f"windows every flip is screened on (default {SCREEN})")
+    p.add_argument("--max_windows", type=int, default=MAX_WINDOWS,
+                   help=f"windows a flip gets at most (default {MAX_WINDOWS})")
+    p.add_argument("--budget_s", type=float, default=None,
+                   help="seconds after which no more windows are added (the screen always completes; default none)")
+
+
+def probe_options(args):
+    if not args.delta_threshold > 0 or not 0 < args.alpha < 1:
+        raise UserError(f"--delta_threshold must be > 0 nats and --alpha in (0, 1); got {args.delta_threshold}, "
+                        f"{args.alpha}")
+    return dict(threshold=args.delta_threshold, alpha=args.alpha, screen=args.screen, max_windows=args.max_windows,
+                budget_s=args.budget_s)
+
+
+def probe(argv):
+    from study.probe import probe_model
+    p = ArgumentParser(prog="analyze.py probe", hint="; " + USAGE)
+    p.add_argument("source", help=f"a {SOURCE} (for a pretrained source --key=value sets its config: block_size, "
+                                  f"batch_size, data, out_dir...)")
+    add_probe_options(p)
+    args, overrides = p.parse_known_args(argv)
+    options = probe_options(args)
+    loaded = load(args.source, overrides)
+    if loaded.origin == "pretrained":  # it has seen none of our documents: both splits
+        return probe_model(loaded.model, loaded.config, loaded.config.out_dir, loaded.label, splits=("val", "train"),
+                           **options)
+    probe_model(loaded.model, loaded.config, args.source, loaded.label, **options)
+
+
+def diagnostics(source, args):
+    from study.probe import measure_diagnostics, run_diagnostics
+    if not is_pretrained(source):
         if args:
             raise UserError(f"analyze.py diagnostics {source}: a run's diagnostics are redrawn from its "
                             f"diagnostics.jsonl; --key=value applies to a pretrained source")
         return run_diagnostics(source)  # what its training measured, redrawn
     loaded = load(source, args)
-    out_dir = loaded.config.out_dir if loaded.origin == "pretrained" else source
-    run = probe_model if command == "probe" else measure_diagnostics
-    run(loaded.model, loaded.config, out_dir, loaded.label)
+    measure_diagnostics(loaded.model, loaded.config, loaded.config.out_dir, loaded.label)
 
 
 def convert(argv):
@@ -79,21 +115,21 @@ def convert(argv):
 
 
 def recentering(argv):
-    from study.recentering import DELTA_THRESHOLD, run_recentering
+    from study.recentering import run_recentering
     p = ArgumentParser(prog="analyze.py recentering", hint="; " + USAGE)
     p.add_argument("folder", help="a comparison's out_dir (compare.py), one run dir, or a transformers checkpoint "
                                   "folder or hub id (then --key=value sets its config, as for probe)")
-    p.add_argument("--delta_threshold", type=float, default=DELTA_THRESHOLD,
-                   help=f"|Δ val loss| above which a site needs its re-centering state (default {DELTA_THRESHOLD})")
+    add_probe_options(p)
     p.add_argument("--jobs", type=int, default=1, help="worker processes for the probes still to run")
     args, overrides = p.parse_known_args(argv)
+    options = probe_options(args)
     pretrained = None
     if is_pretrained(args.folder):  # e.g. gpt2: one model, probed and measured here
         loaded = load(args.folder, overrides)
         pretrained = (loaded.model, loaded.config, loaded.label)
     elif overrides:
         raise UserError(f"unrecognized arguments: {' '.join(overrides)}" + "; " + USAGE)
-    run_recentering(args.folder, args.delta_threshold, args.jobs, pretrained=pretrained)
+    run_recentering(args.folder, args.delta_threshold, args.jobs, pretrained=pretrained, probe_options=options)
 
 
 def pairs(argv):
@@ -105,14 +141,14 @@ def pairs(argv):
 
 def main():
     command, rest = (sys.argv[1], sys.argv[2:]) if len(sys.argv) > 1 else (None, [])
-    if command in ("convert", "recentering", "pairs"):
-        return {"convert": convert, "recentering": recentering, "pairs": pairs}[command](rest)
+    if command in ("probe", "convert", "recentering", "pairs") and rest and not {"-h", "--help"} & set(rest):
+        return {"probe": probe, "convert": convert, "recentering": recentering, "pairs": pairs}[command](rest)
     if command in ("-h", "--help") or any(a in ("-h", "--help") for a in rest):
         print(__doc__.strip() + "\n\n" + USAGE)
         return
-    if command not in ("probe", "diagnostics") or not rest or rest[0].startswith("--"):
+    if command != "diagnostics" or not rest or rest[0].startswith("--"):
         raise UserError(USAGE)
-    probe_or_diagnostics(command, rest[0], rest[1:])
+    diagnostics(rest[0], rest[1:])
 
 
 if __name__ == "__main__":

@@ -103,3 +103,32 @@ def diagnostics_batch(tokens, block_size, batch_size, device="cpu", start_token=
     x, _, _ = next(validation_batches(tokens, block_size, batch_size, batch_size, device=device,
                                       start_token=start_token))
     return x
+
+
+def document_windows(tokens, separator, block_size):
+    """(starts, n_targets): one window per document, starting at the separator token before it (the
+    end-of-document token of a corpus whose documents end with one, or the <bos> of one whose documents
+    start with it), so that the model sees a document start as it did in training. The split's first
+    document has no separator before it: its start is -1, a separator put in front (document_batch).
+    A window's targets are its document's own tokens, at most block_size. A model's probe draws these
+    (study/probe.py)."""
+    tokens = np.asarray(tokens)
+    seps = np.flatnonzero(tokens == separator)
+    starts = seps if len(tokens) and tokens[0] == separator else np.concatenate([[-1], seps])
+    ends = np.append(starts[1:], len(tokens))  # each document runs to the next separator
+    n_targets = np.minimum(ends - starts - 1, block_size)
+    return starts[n_targets > 0], n_targets[n_targets > 0]
+
+
+def document_batch(tokens, starts, n_targets, separator, block_size, device="cpu"):
+    """Inputs x and targets y of document_windows' windows: y is IGNORE past each window's n_targets
+    (the next document's tokens, or padding at the end of the split)."""
+    rows = np.full((len(starts), block_size + 1), separator, dtype=np.int64)
+    for row, start in zip(rows, starts):
+        offset = 1 if start < 0 else 0  # the split's first document: after the separator put in front
+        part = tokens[max(start, 0):start + block_size + 1]
+        row[offset:offset + len(part)] = part
+    batch = torch.from_numpy(rows).to(device)
+    x, y = batch[:, :-1], batch[:, 1:].clone()
+    y[torch.arange(block_size, device=device)[None, :] >= torch.as_tensor(n_targets, device=device)[:, None]] = IGNORE
+    return x, y

@@ -205,28 +205,42 @@ class GPT(nn.Module):
         choice; False runs every norm as its own module call (the diagnostics' hooks see each one).
         per_token: (None, each target's cross-entropy as (B, T), 0 where the target is -100),
         computed over the output layer a chunk of tokens at a time (token_losses)."""
-        B, T = idx.shape
+        T = idx.size(1)
         past = kv_caches[0].get("pos", 0) if kv_caches else 0
         if past + T > self.config.block_size:
             raise ValueError(f"sequence of {past + T} tokens exceeds block_size {self.config.block_size}")
-        fused = self.config.fused_add_norm if fused_add_norm is None else fused_add_norm
+        return self.forward_from(0, self.embed(idx, past), targets, kv_caches, fused_add_norm, per_token=per_token)
+
+    def embed(self, idx, past=0):
+        """The stream entering block 0: the embedding of idx at positions past.., with ln_e and dropout."""
         x = self.transformer.wte(idx)
         if self.config.scale_embedding:
             x = x * self.embedding_multiplier[x.dtype]
         if "wpe" in self.transformer:
-            x = x + self.transformer.wpe(torch.arange(past, past + T, device=idx.device))
+            x = x + self.transformer.wpe(torch.arange(past, past + idx.size(1), device=idx.device))
         if self.config.embed_scale:
             x = x * self.embed_scale.to(x.dtype)
         if "ln_e" in self.transformer:
             x = self.transformer.ln_e(x)
-        x = self.transformer.drop(x)
-        delta = None  # with fused_add_norm: the last sublayer output, added to x by the next norm
-        for i, block in enumerate(self.transformer.h):
+        return self.transformer.drop(x)
+
+    def forward_from(self, start, x, targets=None, kv_caches=None, fused_add_norm=None, delta=None, on_block=None,
+                     per_token=False):
+        """forward() from block `start` on (len(h): the final norm and head only), given the stream
+        entering it: x, and with fused_add_norm delta, the sublayer output not yet added to x.
+        on_block(i, x, delta) sees the stream entering each block i and the final norm (i = len(h)),
+        so that a caller can rerun only a suffix of the model (study/probe.py)."""
+        fused = self.config.fused_add_norm if fused_add_norm is None else fused_add_norm
+        for i in range(start, len(self.transformer.h)):
+            if on_block is not None:
+                on_block(i, x, delta)
             kv_cache = None if kv_caches is None else kv_caches[i]
-            if fused:
-                x, delta = block.forward_fused(x, delta, kv_cache)
+            if fused:  # with fused_add_norm, delta is the last sublayer output, added to x by the next norm
+                x, delta = self.transformer.h[i].forward_fused(x, delta, kv_cache)
             else:
-                x = block(x, kv_cache)
+                x = self.transformer.h[i](x, kv_cache)
+        if on_block is not None:
+            on_block(len(self.transformer.h), x, delta)
         _, h = add_then_norm(self.transformer.ln_f, x, delta)
         if per_token:
             return None, self.token_losses(h, targets)

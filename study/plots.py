@@ -99,11 +99,13 @@ def plot_probe(rows, path, title=""):
     fig, ax = plt.subplots(figsize=(6.4, 0.35 * len(rows) + 1.2), dpi=100)
     labels = [f"{r['site']} ({r['norm']})" for r in rows]
     colors = ["tab:gray" if r["recenters"] is None else "tab:blue" if r["recenters"] else "tab:orange" for r in rows]
-    ax.barh(range(len(rows)), [r["delta"] for r in rows], color=colors)
+    deltas = np.array([r["delta"] for r in rows])
+    ci = np.array([r.get("ci95") or [r["delta"]] * 2 for r in rows])  # a probe.json from before the intervals has none
+    ax.barh(range(len(rows)), deltas, color=colors, xerr=[deltas - ci[:, 0], ci[:, 1] - deltas], error_kw={"lw": 0.8})
     ax.set_yticks(range(len(rows)), labels, fontsize=8)
     ax.invert_yaxis()
     ax.axvline(0, color="black", linewidth=0.8)
-    ax.set_xlabel("Δ val loss when the site is flipped (nats/token)")
+    ax.set_xlabel("Δ val loss when the site is flipped (nats/token), with its 95% interval")
     ax.set_title(f"{title}\nblue: re-centering removed, orange: re-centering added, gray: site removed", fontsize=9)
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()

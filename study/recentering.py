@@ -130,18 +130,21 @@ def gather(folder, jobs=1, log=print):
     return records
 
 
-def gather_pretrained(model, config, name):
-    """gather() for one model that was not trained here (a transformers checkpoint): its probe and its
-    statistics measured on the first batch of validation windows, written to config.out_dir."""
+def gather_pretrained(model, config, name, probe_options=None):
+    """gather() for one model that was not trained here (a transformers checkpoint): its probe (on
+    documents of both splits: it has seen none) and its statistics measured on the first batch of
+    validation windows, written to config.out_dir."""
     from study.probe import measure_once, probe_model
-    rows = probe_model(model, config, config.out_dir, name, log=lambda *a: None)
+    rows = probe_model(model, config, config.out_dir, name, log=lambda *a: None, splits=("val", "train"),
+                       **(probe_options or {}))
     return site_records(name, {"variant": name, "seed": None}, rows, statistics_of(model, measure_once(model, config)))
 
 
 def site_records(run, info, rows, statistics):
     """One record per probe row that flips a site's centering (removals are not centering flips)."""
     return [{"run": run, **info, "site": r["site"], "kind": site_kind(r["site"]), "norm": r["norm"],
-             "recenters": r["recenters"], "delta": r["delta"], "abs_delta": abs(r["delta"]), **statistics[r["site"]]}
+             "recenters": r["recenters"], "delta": r["delta"], "abs_delta": abs(r["delta"]),
+             "decision": r.get("decision"), "probe_threshold": r.get("threshold"), **statistics[r["site"]]}
             for r in rows if r["recenters"] is not None and r["site"] in statistics]
 
 
@@ -210,6 +213,21 @@ def fit_threshold(values, labels):
     return float(best)
 
 
+def label_needs(records, delta_threshold):
+    """Set each record's "needs" (the site needs its re-centering state). On a single model whose probe
+    decided at this threshold (study/staged.py), only a site decided above it; otherwise, across runs
+    whose seeds are the replication, |Δ| > threshold. Returns the rule, in words."""
+    decided = len({r["run"] for r in records}) == 1 and all(
+        r.get("decision") and r.get("probe_threshold") == delta_threshold for r in records)
+    for r in records:
+        r["needs"] = r["decision"] == "above" if decided else r["abs_delta"] > delta_threshold
+    return "decided above the threshold by the probe's interval" if decided else "|Δ| > threshold"
+
+
+def needs(record, delta_threshold):
+    return record["needs"] if "needs" in record else record["abs_delta"] > delta_threshold  # labelled, or not yet
+
+
 def held_out(records, statistic, delta_threshold):
     """Fit the threshold on one half of the runs, score it on the other, both ways round."""
     (a, b), how = folds(records)
@@ -217,8 +235,8 @@ def held_out(records, statistic, delta_threshold):
     for fit, test in ((a, b), (b, a)):
         if not fit or not test:
             continue
-        fv, fl = (np.array([r[statistic] for r in fit]), np.array([r["abs_delta"] > delta_threshold for r in fit]))
-        tv, tl = (np.array([r[statistic] for r in test]), np.array([r["abs_delta"] > delta_threshold for r in test]))
+        fv, fl = (np.array([r[statistic] for r in fit]), np.array([needs(r, delta_threshold) for r in fit]))
+        tv, tl = (np.array([r[statistic] for r in test]), np.array([needs(r, delta_threshold) for r in test]))
         t = fit_threshold(fv, fl)
         entry = {"n_fit": len(fit), "n_test": len(test), "positives_fit": int(fl.sum()), "positives_test": int(tl.sum()),
                  "threshold": t, "always_no_accuracy": float((~tl).mean())}
@@ -233,8 +251,10 @@ def report(records, folder, delta_threshold, rng):
     groups = {"all sites": records,
               "LayerNorm sites (mean subtraction removed)": [r for r in records if r["recenters"]],
               "other sites (mean subtraction added)": [r for r in records if not r["recenters"]]}
+    rule = label_needs(records, delta_threshold)
     out = {"folder": str(folder), "delta_threshold": delta_threshold, "n_runs": len({r["run"] for r in records}),
-           "n_sites": len(records), "n_needing": sum(r["abs_delta"] > delta_threshold for r in records),
+           "n_sites": len(records), "n_needing": sum(r["needs"] for r in records), "needs_rule": rule,
+           "n_undecided": sum(r.get("decision") == "undecided" for r in records),
            "correlations": {name: [correlations(g, s, rng) for s in STATISTICS] for name, g in groups.items()
                             if g and (name == "all sites" or len(g) < len(records))},  # a one-direction study: pooled only
            "held_out": [held_out(records, s, delta_threshold) for s in STATISTICS],
@@ -245,8 +265,8 @@ def report(records, folder, delta_threshold, rng):
 def markdown(result):
     lines = [f"# Re-centering predictor: {result['folder']}", "",
              f"{result['n_sites']} (run, site) flips from {result['n_runs']} runs; {result['n_needing']} move the val "
-             f"loss by more than {result['delta_threshold']:g} nats (|Δ| > threshold: the site \"needs\" its "
-             f"re-centering state). Statistics are of each norm's input at the end of training "
+             f"loss by more than {result['delta_threshold']:g} nats ({result['needs_rule']}: the site \"needs\" its "
+             f"re-centering state; {result['n_undecided']} undecided). Statistics are of each norm's input at the end of training "
              f"(model/diagnostics.py; gained_offset = offset_ratio × rms(gain)); Δ is the probe's (study/probe.py).", "",
              "## Spearman's ρ of each statistic with |Δ|", "",
              "95% intervals: percentile bootstrap over RUNS (2000 resamples; each draws runs with replacement and "
@@ -280,9 +300,10 @@ def markdown(result):
     return "\n".join(lines)
 
 
-def run_recentering(folder, delta_threshold=DELTA_THRESHOLD, jobs=1, seed=0, log=print, pretrained=None):
+def run_recentering(folder, delta_threshold=DELTA_THRESHOLD, jobs=1, seed=0, log=print, pretrained=None,
+                    probe_options=None):
     """The report for a comparison folder (or one run dir); with pretrained = (model, config, name), for
-    that one model instead, written to config.out_dir."""
+    that one model instead (probed with probe_options: study/probe.py's probe_model), written to config.out_dir."""
     from study import plots
     if not delta_threshold > 0:
         raise UserError(f"--delta_threshold must be > 0 nats, got {delta_threshold}")
@@ -290,7 +311,7 @@ def run_recentering(folder, delta_threshold=DELTA_THRESHOLD, jobs=1, seed=0, log
         raise UserError(f"--jobs must be >= 1, got {jobs}")
     if pretrained is not None:
         model, config, name = pretrained
-        records = gather_pretrained(model, config, name)
+        records = gather_pretrained(model, config, name, {**(probe_options or {}), "threshold": delta_threshold})
         folder = Path(config.out_dir)
     else:
         folder = Path(folder)

@@ -141,10 +141,8 @@ def test_embed_norm_is_a_site_of_diagnostics_and_probe(small_model_config, tiny_
     stats = collect(model, torch.randint(0, 300, (2, 8)))
     assert stats["sites"][0] == "embed" and len(stats["mean_share"]) == len(stats["sites"])
 
-    from accelerate import Accelerator
-    tokens = torch.randint(0, 300, (4000,)).numpy()
-    rows = probe(model, tokens, config.__class__(**{**config.to_dict(), "eval_windows": 8, "batch_size": 4}),
-                 Accelerator(cpu=True))
+    from probe_windows import windows
+    rows = probe(model, windows(8, config.block_size), log=lambda *a: None)
     embed = [r for r in rows if r["site"] == "embed"]
     assert len(embed) == 1 and embed[0]["change"] == "mean subtraction removed" and embed[0]["delta"] != 0
 

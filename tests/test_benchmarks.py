@@ -38,6 +38,14 @@ def test_bench_train_step_cpu_runs_each_variant(tmp_path):
     assert all(row["ms_per_step"] > 0 for row in rows)
 
 
+def test_bench_probe_times_both_ways(tmp_path):
+    out = run_benchmark("benchmarks/bench_probe.py", "--tiny", "--n_layer", "2", "--block_size", "32", "--rounds", "2",
+                        "--json", str(tmp_path / "probe.json"))
+    row = json.loads((tmp_path / "probe.json").read_text())
+    assert row["flips"] == 5 and row["full_s"] > 0 and row["reuse_s"] > 0 and 1 < row["arithmetic_ratio"] < 2
+    assert row["peak_rss_mb_reuse"] >= row["peak_rss_mb_full"] > 0 and "| full recompute s |" in out
+
+
 def test_bench_train_step_rejects_an_unknown_variant():
     done = run_cli("benchmarks/bench_train_step.py", "--variants", "rmsnrom")
     assert done.returncode == 2 and "unknown variant(s) rmsnrom; valid: none, layernorm" in done.stderr

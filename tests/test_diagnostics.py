@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from accelerate import Accelerator
 
+from probe_windows import windows
 from study.probe import Centered, Uncentered, probe, with_centering
 from model import GPT
 from model.diagnostics import collect, grad_square_sum, norm_sites, token_stats
@@ -92,14 +92,14 @@ def test_uncentered_layernorm_is_rmsnorm_with_the_same_gain_and_bias(small_model
 
 @pytest.fixture
 def mixed_model(small_model_config):
-    config = small_model_config(block_norms="layernorm,rmsnorm", final_norm="prmsnorm", eval_windows=8, batch_size=4)
+    config = small_model_config(block_norms="layernorm,rmsnorm", final_norm="prmsnorm")
     torch.manual_seed(0)
-    return GPT(config).eval(), config, torch.randint(0, config.vocab_size, (400,)).numpy()
+    return GPT(config).eval(), config, windows(8, config.block_size)
 
 
 def test_probe_has_one_row_per_site_and_flips_each(mixed_model):
-    model, config, val_tokens = mixed_model
-    rows = probe(model, val_tokens, config, Accelerator(cpu=True))
+    model, config, val_windows = mixed_model
+    rows = probe(model, val_windows, log=lambda *a: None)
     assert [r["site"] for r in rows] == [name for name, _ in norm_sites(model)]
     assert [r["change"] for r in rows] == ["mean subtraction removed"] * 2 + ["mean subtraction added"] * 3
     assert all(r["delta"] != 0 for r in rows)  # a random model's norm inputs have a mean to remove
@@ -107,14 +107,13 @@ def test_probe_has_one_row_per_site_and_flips_each(mixed_model):
 
 
 def test_a_site_changed_to_the_same_norm_gives_exactly_zero(mixed_model):
-    model, config, val_tokens = mixed_model
+    model, config, val_windows = mixed_model
     for _, norm in norm_sites(model):
         assert with_centering(norm, isinstance(norm, LayerNorm)) is norm
-    accelerator = Accelerator(cpu=True)
     for center in (True, False):
-        rows = probe(model, val_tokens, config, accelerator, center=center)
+        rows = probe(model, val_windows, center=center, log=lambda *a: None)
         same = [r for r in rows if r["recenters"] == center]
-        assert same and all(r["delta"] == 0.0 and r["change"] == "same" for r in same)
+        assert same and all(r["delta"] == 0.0 and r["ci95"] == [0.0, 0.0] and r["change"] == "same" for r in same)
 
 
 def test_attention_entropy_of_hand_made_maps():
@@ -161,11 +160,10 @@ def test_collect_reports_attention_logits_log_z_and_new_sites(small_model_config
 
 
 def test_probe_removes_qk_norms_and_output_norms(small_model_config):
-    config = small_model_config(norm="rmsnorm", qk_norm="rmsnorm", block_positions="pre,peri", eval_windows=8, batch_size=4)
+    config = small_model_config(norm="rmsnorm", qk_norm="rmsnorm", block_positions="pre,peri")
     torch.manual_seed(0)
     model = GPT(config).eval()
-    val_tokens = torch.randint(0, config.vocab_size, (400,)).numpy()
-    rows = probe(model, val_tokens, config, Accelerator(cpu=True))
+    rows = probe(model, windows(8, config.block_size), log=lambda *a: None)
     removed = [(r["site"], r["change"]) for r in rows if r["recenters"] is None]
     assert removed == [("block0.qk", "QK-norm removed"), ("block1.qk", "QK-norm removed"),
                        ("block1.attn_out", "output norm removed"), ("block1.mlp_out", "output norm removed")]

@@ -17,7 +17,6 @@ from tokenizers import Tokenizer
 import analyze
 import sample
 from config import load_config, run_main
-from data.batches import validation_batches
 from data.prepare import prepare_data
 from hf_checkpoints import TEXT, build, documents, tokenizer_file
 from repo import ROOT, run_cli
@@ -121,33 +120,45 @@ def test_a_fine_tune_resumes_exactly_after_kill_9(source, tmp_path):
     assert saved["init_from"] == str(folder) and saved["n_layer"] == 2 and saved["tokenizer"] == str(folder / "tokenizer.json")
 
 
-def hf_loss(folder, config):
-    """transformers' own mean loss on the validation windows our evaluation uses."""
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder).float().eval()
-    val = prepare_data(config, log=lambda *_: None).tokens("val")
-    losses = []
-    with torch.no_grad():
-        for x, y, n in validation_batches(val, config.block_size, config.batch_size, config.eval_windows):
-            losses.append(F.cross_entropy(model(x[:n]).logits.flatten(0, 1), y[:n].flatten(), reduction="none"))
-    return torch.cat(losses).mean().item()
-
-
 def run_analyze(monkeypatch, *argv):
     monkeypatch.setattr(sys, "argv", ["analyze.py", *map(str, argv)])
     run_main(analyze.main)
 
 
+def document_files(folder):
+    """A few documents, one file each: the probe's windows start at document starts."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, doc in enumerate(documents()):
+        (folder / f"doc{i}.txt").write_text(doc)
+    return folder / "*.txt"
+
+
 def test_the_probe_of_a_transformers_checkpoint_evaluates_it_with_its_own_tokenizer(source, tmp_path, monkeypatch):
-    folder, data = source
+    from data.tokenizer import end_of_document
+    from study.probe import Windows
+    folder, _ = source
+    data = document_files(tmp_path / "docs")
     run_analyze(monkeypatch, "probe", folder, f"--data={data}", f"--cache_dir={tmp_path / 'cache'}", "--block_size=32",
-                "--eval_windows=6", f"--out_dir={tmp_path / 'probe'}")
+                "--screen=3", "--max_windows=6", f"--out_dir={tmp_path / 'probe'}")
     rows = json.loads((tmp_path / "probe" / "probe.json").read_text())
     assert [r["site"] for r in rows] == ["block0.attn", "block0.mlp", "block1.attn", "block1.mlp", "final"]
     assert all(r["change"] == "mean subtraction removed" and r["delta"] != 0 for r in rows)
+    assert all(r["ci95"][0] <= r["delta"] <= r["ci95"][1] and 3 <= r["windows"] <= 6 for r in rows)
+    # its reports name the model (its folder), not the path it was read from
+    assert (tmp_path / "probe" / "probe.md").read_text().startswith(f"# Re-centering probe of {folder.name}\n")
+    # the base loss is transformers' own on the same windows: documents of both splits, each from its start
     config = load_config(None, {"data": str(data), "cache_dir": str(tmp_path / "cache"), "block_size": 32,
-                                "eval_windows": 6, "batch_size": 4, "tokenizer": str(folder / "tokenizer.json"),
+                                "tokenizer": str(folder / "tokenizer.json"),
                                 "vocab_size": Tokenizer.from_file(str(folder / "tokenizer.json")).get_vocab_size()})
-    assert rows[0]["base_val_loss"] == pytest.approx(hf_loss(folder, config), rel=1e-5)
+    prepared = prepare_data(config, log=lambda *_: None)
+    windows = Windows({s: prepared.tokens(s) for s in ("val", "train")},
+                      end_of_document(prepared.load_tokenizer(), prepared.eod_token)[1], 32, 6)
+    assert {d.split(":")[0] for d in windows.docs} == {"val", "train"}
+    x, y = windows.batch(range(rows[0]["windows"]), "cpu")
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder).float().eval()
+    with torch.no_grad():
+        theirs = F.cross_entropy(model(x).logits.flatten(0, 1), y.flatten(), ignore_index=-100).item()
+    assert rows[0]["base_val_loss"] == pytest.approx(theirs, rel=1e-5)
     assert (tmp_path / "probe" / "probe.png").stat().st_size > 0
 
 
@@ -165,17 +176,19 @@ def test_diagnostics_of_a_transformers_checkpoint(tmp_path, monkeypatch, source)
 def test_the_recentering_predictor_runs_on_a_transformers_checkpoint(source, tmp_path, monkeypatch):
     """`analyze.py recentering gpt2`: one pretrained model's probe and input statistics, one record per
     LayerNorm site, each joined with the probe's Δ for that site."""
-    folder, data = source
+    folder, _ = source
     out = tmp_path / "out"
-    run_analyze(monkeypatch, "recentering", folder, f"--data={data}", f"--cache_dir={tmp_path / 'cache'}",
-                "--block_size=32", "--eval_windows=6", f"--out_dir={out}")
+    run_analyze(monkeypatch, "recentering", folder, f"--data={document_files(tmp_path / 'docs')}",
+                f"--cache_dir={tmp_path / 'cache'}", "--block_size=32", "--screen=3", "--max_windows=6", f"--out_dir={out}")
     report = json.loads((out / "recentering.json").read_text())
     probe_rows = {r["site"]: r for r in json.loads((out / "probe.json").read_text())}
     assert [r["site"] for r in report["records"]] == ["block0.attn", "block0.mlp", "block1.attn", "block1.mlp", "final"]
     for r in report["records"]:
         assert r["norm"] == "LayerNorm" and r["recenters"] is True and r["delta"] == probe_rows[r["site"]]["delta"]
+        assert r["needs"] == (probe_rows[r["site"]]["decision"] == "above")  # one model: its probe's decisions
         assert 0 <= r["mean_share"] <= 1 and r["input_rms"] > 0
     assert report["n_runs"] == 1 and (out / "recentering.png").stat().st_size > 0
+    assert report["needs_rule"].startswith("decided above")
 
 
 def test_sampling_a_transformers_checkpoint_is_its_greedy_continuation(source):
