@@ -14,8 +14,8 @@ from typing import NamedTuple
 
 from config import UserError, apply_overrides
 from data.prepare import file_sha256
-from hf.gguf import gguf_origin, is_gguf
-from hf.load import is_transformers_source, load_pretrained
+from hf.gguf import SOURCE as SOURCE_FILE, gguf_origin, is_gguf
+from hf.load import is_transformers_source, load_pretrained, read_json
 from training.checkpoint import TOKENIZER, load_model, read_meta, warn
 
 RUN_KEYS = ("eval_windows", "batch_size")  # what --key=value may set for a run: how it is evaluated, not the model
@@ -54,7 +54,7 @@ def load_source(source, device="cpu", overrides=None, tokenizer=None, log=warn):
             raise UserError(f"--tokenizer: a pretrained model ({source}) uses its own tokenizer; leave it out")
         model, config, tokenizer_file = load_pretrained(source, device, overrides)
         origin = gguf_origin(Path(tokenizer_file).parent) if is_gguf(source) else None
-        return Source(model, config, Path(tokenizer_file), str(source), "pretrained", Path(tokenizer_file).parent,
+        return Source(model, config, Path(tokenizer_file), model_name(source), "pretrained", Path(tokenizer_file).parent,
                       origin["quantization"] if origin else "")
     model, config, folder = load_model(source, device, log)
     other = sorted(set(overrides) - set(RUN_KEYS))
@@ -69,6 +69,19 @@ def load_source(source, device="cpu", overrides=None, tokenizer=None, log=warn):
     if file_sha256(tokenizer_file) != read_meta(folder).get("tokenizer_hash"):
         raise UserError(f"tokenizer {str(tokenizer_file)!r} is not the one checkpoint {str(folder)!r} was trained with")
     return Source(model, config, tokenizer_file, str(source), "run", Path(folder))
+
+
+def model_name(source):
+    """What a pretrained model's reports call it: a hub id or packaged model's name as given, else the name
+    of its file or folder, never a path; a folder dequantized from a GGUF file is named by that file."""
+    path = Path(source)
+    if not path.exists():
+        return str(source)
+    if path.is_dir():
+        origin = read_json(path / SOURCE_FILE).get("file")
+        if origin:
+            return Path(origin).stem
+    return path.stem if path.is_file() else path.resolve().name
 
 
 def output_name(source):

@@ -86,7 +86,7 @@ def test_a_gguf_file_gives_transformers_logits_and_says_it_was_quantized(family,
 def test_an_unquantized_gguf_file_is_not_called_quantized(tmp_path, tokenizer_path):
     path = write_llama_gguf(tmp_path / "f32.gguf", tokenizer_path, quantize=False)
     source = load_source(str(path))
-    assert source.quantization == "" and source.label == str(path)
+    assert source.quantization == "" and source.label == path.stem
 
 
 def test_the_dequantized_weights_are_cached_once_by_the_files_hash(llama_gguf, user_cache, monkeypatch):

