@@ -1,6 +1,7 @@
 """Look inside a trained run or a pretrained transformers model, or convert a run.
 
-    python analyze.py probe <run dir>         re-centering probe: which norm sites depend on mean subtraction?
+    python analyze.py probe <run dir> [--eval_windows=N --batch_size=N]
+                                              re-centering probe: which norm sites depend on mean subtraction?
     python analyze.py diagnostics <run dir>   heatmaps of the run's diagnostics.jsonl (config.diagnostics)
     python analyze.py probe gpt2 [--block_size=1024 --eval_windows=8 --data=stdlib --out_dir=...]
     python analyze.py diagnostics <transformers folder or hub id> [--key=value ...]
@@ -97,19 +98,28 @@ def pairs(argv):
 
 
 def main():
-    from study.probe import run_diagnostics, run_probe
-    one_folder = {"probe": run_probe, "diagnostics": run_diagnostics}
+    from study.probe import RUN_PROBE_KEYS, run_diagnostics, run_probe
+    one_folder = ("probe", "diagnostics")
     command, rest = (sys.argv[1], sys.argv[2:]) if len(sys.argv) > 1 else (None, [])
     if command in ("convert", "recentering", "pairs"):
         return {"convert": convert, "recentering": recentering, "pairs": pairs}[command](rest)
     if command in ("-h", "--help") or any(a in ("-h", "--help") for a in rest):
-        print(__doc__.strip() + "\n\n" + USAGE)
+        print(USAGE + "\n\n" + __doc__.strip())
         return
     if command in one_folder and rest and hf.is_transformers_source(rest[0]):
         return pretrained(command, rest[0], rest[1:])  # a transformers checkpoint folder or hub id
-    if command not in one_folder or len(rest) != 1:
+    if command not in one_folder or not rest or rest[0].startswith("--"):
         raise UserError(USAGE)
-    one_folder[command](rest[0])
+    overrides = parse_cli_overrides(rest[1:])
+    takes = RUN_PROBE_KEYS if command == "probe" else ()
+    other = [k for k in overrides if k not in takes]
+    if other:  # a run's model and data are its own; a pretrained source takes any key
+        raise UserError(f"--{other[0]}: a run's {command} takes only its own config"
+                        + (f" and {', '.join('--' + k for k in takes)}" if takes else "")
+                        + "; other --key=value settings apply to transformers folders and hub ids")
+    if command == "probe":
+        return run_probe(rest[0], overrides)
+    run_diagnostics(rest[0])
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
 Headless (Agg backend): these run in CI and under nohup, where there is no display.
 """
+import textwrap
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -104,7 +106,9 @@ def plot_probe(rows, path, title=""):
     ax.invert_yaxis()
     ax.axvline(0, color="black", linewidth=0.8)
     ax.set_xlabel("Δ val loss when the site is flipped (nats/token)")
-    ax.set_title(f"{title}\nblue: re-centering removed, orange: re-centering added, gray: site removed", fontsize=9)
+    # a long name (a checkpoint's path) wraps rather than running off the figure
+    ax.set_title(textwrap.fill(title, 70) + "\nblue: re-centering removed, orange: re-centering added, "
+                 "gray: site removed", fontsize=9)
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)

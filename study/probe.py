@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 from accelerate import Accelerator
 
-from config import UserError
+from config import UserError, apply_overrides
 from data.prepare import prepare_data
 from kernels.rmsnorm import rms_norm
 from data.batches import diagnostics_batch
@@ -26,7 +26,7 @@ from model.norms import LayerNorm, upcast
 from study import plots
 from training.checkpoint import load_model
 from training.evaluation import evaluate
-from training.runlog import DIAGNOSTICS, read_diagnostics
+from training.runlog import DIAGNOSTICS, METRICS, read_diagnostics
 
 
 class Centered(nn.Module):
@@ -128,9 +128,15 @@ def probe_table(rows):
     return "\n".join(lines)
 
 
-def run_probe(run_dir, log=print):
+RUN_PROBE_KEYS = ("eval_windows", "batch_size")  # how a run's probe evaluates; its model and data stay the run's
+
+
+def run_probe(run_dir, overrides=None, log=print):
+    """The probe of a run's newest checkpoint; overrides may set RUN_PROBE_KEYS (e.g. eval_windows)."""
     model, config, folder = load_model(run_dir)
-    return probe_model(model, config, run_dir, folder, log)
+    if overrides:
+        config = apply_overrides(config, overrides).validate()
+    return probe_model(model, config, run_dir, f"{run_dir} ({folder.name})", log)
 
 
 def probe_model(model, config, out_dir, name, log=print):
@@ -174,6 +180,14 @@ def measure_once(model, config):
 
 def run_diagnostics(run_dir, log=print):
     rows = read_diagnostics(run_dir)
+    runs = sorted(p.parent for p in (Path(run_dir) / "runs").rglob(METRICS)) if not rows else []
+    if runs:  # a comparison folder: diagnostics are its runs'
+        recorded = [r for r in runs if read_diagnostics(r)]
+        raise UserError(f"{str(run_dir)!r} is a comparison folder; diagnostics are per run, e.g. analyze.py diagnostics "
+                        f"{recorded[0]} ({len(recorded)} of its {len(runs)} runs recorded them; their seed means "
+                        f"are its diagnostics_<variant>.png)" if recorded else
+                        f"{str(run_dir)!r} is a comparison folder, and none of its {len(runs)} runs recorded diagnostics; "
+                        f"set diagnostics = true in its [base] table and train again")
     if not rows:
         raise UserError(f"{str(run_dir)!r} has no diagnostics.jsonl; train with diagnostics = true")
     path = Path(run_dir) / "diagnostics.png"
