@@ -96,6 +96,7 @@ def load_for_sampling(args):
         if args.tokenizer:
             raise UserError("--tokenizer: a transformers checkpoint samples with its own tokenizer; leave it out")
         model, config, tokenizer_file = hf.load_pretrained(args.run, args.device)
+        print(f"loaded transformers checkpoint {args.run}", file=sys.stderr)
         return model, config, Path(tokenizer_file)
     model, config, folder = load_model(args.run, args.device)
     tokenizer_file = Path(args.tokenizer or folder / TOKENIZER)
@@ -104,14 +105,15 @@ def load_for_sampling(args):
                         f"give a tokenizer.json file")
     if file_sha256(tokenizer_file) != read_meta(folder).get("tokenizer_hash"):
         raise UserError(f"tokenizer {str(tokenizer_file)!r} is not the one checkpoint {str(folder)!r} was trained with")
+    print(f"loaded checkpoint {folder} (step {read_meta(folder).get('step')})", file=sys.stderr)  # stdout is the text
     return model, config, tokenizer_file
 
 
 def generate_samples(args, out=None):
     out = out or sys.stdout
+    prompt = read_prompt(args)  # a bad prompt file fails before the model loads
     model, config, tokenizer_file = load_for_sampling(args)
     tokenizer = Tokenizer.from_file(str(tokenizer_file))
-    prompt = read_prompt(args)
     ids = tokenizer.encode(prompt, add_special_tokens=False).ids if prompt else []
     ids = [end_of_document(tokenizer, config.eod_token)[1]] + ids  # samples start as a fresh document
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
