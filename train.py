@@ -33,7 +33,7 @@ from training.distributed import (check_shared_run_folder, decided_on_main, held
                                   release_accelerator)
 from training.evaluation import evaluate_loss_and_bpb
 from training.optimizer import build_optimizer, learning_rate
-from training.runlog import RunLog, run_folder_lock
+from training.runlog import RunLog, SavedLog, append_log, run_folder_lock
 
 
 def seed_everything(seed):
@@ -80,6 +80,8 @@ def check_run_folder(run_dir, resume):
 
 def _train(config, resume, log, accelerator):
     run_dir = Path(config.out_dir)
+    if accelerator.is_main_process:  # what is printed is kept in the run folder too
+        log = SavedLog(run_dir, log)
     if config.max_steps < config.warmup_steps:
         log(f"warning: max_steps ({config.max_steps}) < warmup_steps ({config.warmup_steps}): the run ends inside "
             f"its warmup, at a rate of {learning_rate(config.max_steps - 1, config):.3g} (learning_rate is "
@@ -117,6 +119,7 @@ def _train(config, resume, log, accelerator):
     runlog = RunLog(run_dir) if accelerator.is_main_process else None
     if runlog is not None:
         runlog.start(config, data.tokenizer_path, counters.step)
+        log.keep()  # this start is accepted: train.log gets what was printed so far, and the rest as it comes
     diagnostics = None
     if config.diagnostics:
         x = diagnostics_batch(val_tokens, config.block_size, config.batch_size, accelerator.device)
@@ -162,7 +165,9 @@ def _train(config, resume, log, accelerator):
             interval_time = time.perf_counter() - interval_start
             counters.elapsed_s += interval_time
             if skipped and accelerator.is_main_process:
-                progress.write(f"steps {interval_first}-{step}: {skipped} skipped (non-finite loss or gradient)")
+                message = f"steps {interval_first}-{step}: {skipped} skipped (non-finite loss or gradient)"
+                progress.write(message)  # printed above the progress bar
+                append_log(run_dir, message)
             counters.skipped_steps += skipped
             if stopped_at:
                 last = list_checkpoints(run_dir)
