@@ -95,6 +95,9 @@ def load_comparison(path):
     path = Path(path)
     spec = read_toml(path, "comparison file", "configs/compare_*.toml")
     unknown = sorted(set(spec) - COMPARISON_KEYS)
+    if unknown and "variants" not in spec and set(unknown) <= set(Config().to_dict()):
+        raise UserError(f"{path} is a training config (keys such as {', '.join(unknown[:3])}), not a comparison; "
+                        f"train.py takes it: python train.py {path}")
     if unknown:
         raise UserError(f"{path}: unknown key(s) {', '.join(unknown)}; a comparison has {', '.join(sorted(COMPARISON_KEYS))}")
     variants, seeds = spec.get("variants"), spec.get("seeds")
