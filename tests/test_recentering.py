@@ -40,7 +40,9 @@ def test_threshold_fitted_on_half_the_seeds_is_scored_on_the_others():
     # sites with statistic > 0.5 need re-centering (|Δ| = 0.05), the others do not (|Δ| = 1e-4)
     values = records(4, 6, lambda k, s: 0.05 if s >= 3 else 1e-4, lambda k, s: 0.9 if s >= 3 else 0.1 + 0.01 * k)
     h = recentering.held_out(values, "mean_share", recentering.DELTA_THRESHOLD)
-    assert h["split"] == "seeds [0, 2] vs [1, 3]" and len(h["folds"]) == 2
+    assert h["split"] == "seeds [0, 2] vs seeds [1, 3]" and len(h["folds"]) == 2
+    # each fold names its own direction: recentering.md labels its two rows with them
+    assert [(f["fitted_on"], f["tested_on"]) for f in h["folds"]] == [("seeds [0, 2]", "seeds [1, 3]"), ("seeds [1, 3]", "seeds [0, 2]")]
     for fold in h["folds"]:
         assert fold["n_fit"] == fold["n_test"] == 12 and fold["positives_test"] == 6
         assert fold["accuracy"] == 1.0 and fold["balanced_accuracy"] == 1.0 and 0.13 < fold["threshold"] <= 0.9
