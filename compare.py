@@ -290,6 +290,9 @@ def compare(path, jobs=1, shard=None, report_only=False, log=print):
         return [rows[k] for k in indices], None
     # every row as its run folder has it: the same summary whichever way the runs were trained
     rows = [rows.get(k) or saved_row(*comparison.runs[k]) for k in range(len(comparison.runs))]
+    if report_only and all(r["status"] == "missing" for r in rows):
+        raise UserError(f"--report: none of the {len(rows)} runs of {path} has been trained yet (no run folder "
+                        f"under {comparison.out_dir / 'runs'}); `python compare.py {path}` trains them")
     threads = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
     flags = "" if jobs == 1 else f" --jobs {jobs}"
     timed = [r for r in rows if r.get("run_seconds") is not None]

@@ -156,6 +156,8 @@ def write_outputs(rows, comparison, header):
             f"Paired p: a paired t-test over seeds (same seed = same batches and same initial weights), for "
             f"information; the verdict does not use it. Time to target: training "
             f"seconds (eval excluded) at the first eval reaching the target, mean over the seeds that reached it.",
+            "", "The curves start at the first eval after step 0: the untrained model's loss (about ln(vocab_size) "
+            "for every variant; results.csv's initial_val_loss) would squash the range where the variants differ.",
             "", "![val loss vs step](val_loss_vs_step.png)", "", "![val loss vs time](val_loss_vs_time.png)"]
     if comparison.sweep_key is not None:
         text += sweep_report(rows, comparison)
