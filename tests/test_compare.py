@@ -20,7 +20,7 @@ import train as train_module
 from training import evaluation
 from study.probe import run_probe
 from config import UserError
-from repo import ROOT, write_comparison
+from repo import ROOT, assert_plotted, write_comparison
 
 
 class HashedBatches(train_module.TrainBatches):
@@ -81,9 +81,11 @@ def test_every_shipped_comparison_builds_a_valid_run_for_each_point_and_seed(nam
 @pytest.mark.slow
 def test_tiny_comparison_produces_every_file(tiny):
     _, out, rows, _, _, _ = tiny
-    for name in ["results.csv", "results.json", "summary.md", "summary.json", "val_loss_vs_step.png",
-                 "val_loss_vs_time.png", "diagnostics_layernorm.png", "diagnostics_rmsnorm.png"]:
+    for name in ["results.csv", "results.json", "summary.md", "summary.json"]:
         assert (out / name).stat().st_size > 0, name
+    for name, size in [("val_loss_vs_step.png", (640, 400)), ("val_loss_vs_time.png", (640, 400)),
+                       ("diagnostics_layernorm.png", (1320, 512)), ("diagnostics_rmsnorm.png", (1320, 512))]:
+        assert_plotted(out / name, size)
     assert [(r["variant"], r["seed"]) for r in rows] == [("layernorm", 1), ("rmsnorm", 1), ("layernorm", 2), ("rmsnorm", 2)]
     for r in rows:
         assert r["status"] == "ok"
@@ -170,7 +172,8 @@ def test_probe_on_a_trained_run(tiny):
     probe = run_probe(run_dir, log=lambda *a: None)
     assert [r["site"] for r in probe] == ["block0.attn", "block0.mlp", "block1.attn", "block1.mlp", "final"]
     assert all(r["change"] == "mean subtraction added" for r in probe)
-    assert (run_dir / "probe.png").is_file() and "| final | RMSNorm |" in (run_dir / "probe.md").read_text()
+    assert_plotted(run_dir / "probe.png")
+    assert "| final | RMSNorm |" in (run_dir / "probe.md").read_text()
 
 
 @pytest.mark.slow

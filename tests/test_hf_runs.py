@@ -20,8 +20,7 @@ from config import load_config, run_main
 from data.batches import validation_batches
 from data.prepare import prepare_data
 from hf_checkpoints import TEXT, build, documents, tokenizer_file
-from repo import ROOT, run_cli
-from test_reliability import assert_same_metrics, wait_for
+from repo import ROOT, assert_plotted, assert_same_metrics, run_cli, wait_for
 from train import train
 from training.checkpoint import list_checkpoints, load_model
 from training.runlog import read_metrics
@@ -148,7 +147,7 @@ def test_the_probe_of_a_transformers_checkpoint_evaluates_it_with_its_own_tokeni
                                 "eval_windows": 6, "batch_size": 4, "tokenizer": str(folder / "tokenizer.json"),
                                 "vocab_size": Tokenizer.from_file(str(folder / "tokenizer.json")).get_vocab_size()})
     assert rows[0]["base_val_loss"] == pytest.approx(hf_loss(folder, config), rel=1e-5)
-    assert (tmp_path / "probe" / "probe.png").stat().st_size > 0
+    assert_plotted(tmp_path / "probe" / "probe.png")
 
 
 def test_diagnostics_of_a_transformers_checkpoint(tmp_path, monkeypatch, source):
@@ -159,7 +158,7 @@ def test_diagnostics_of_a_transformers_checkpoint(tmp_path, monkeypatch, source)
     rows = [json.loads(line) for line in (tmp_path / "out" / "diagnostics.jsonl").read_text().splitlines()]
     assert len(rows) == 1 and rows[0]["sites"][:4] == ["block0.attn", "block0.q", "block0.k", "block0.mlp"]
     assert len(rows[0]["attn_entropy"]) == 2 and all(np.isfinite(rows[0]["input_rms"]))
-    assert (tmp_path / "out" / "diagnostics.png").stat().st_size > 0
+    assert_plotted(tmp_path / "out" / "diagnostics.png", (1320, 512))
 
 
 def test_the_recentering_predictor_runs_on_a_transformers_checkpoint(source, tmp_path, monkeypatch):
@@ -175,7 +174,8 @@ def test_the_recentering_predictor_runs_on_a_transformers_checkpoint(source, tmp
     for r in report["records"]:
         assert r["norm"] == "LayerNorm" and r["recenters"] is True and r["delta"] == probe_rows[r["site"]]["delta"]
         assert 0 <= r["mean_share"] <= 1 and r["input_rms"] > 0
-    assert report["n_runs"] == 1 and (out / "recentering.png").stat().st_size > 0
+    assert report["n_runs"] == 1
+    assert_plotted(out / "recentering.png", (1296, 324))
 
 
 def test_sampling_a_transformers_checkpoint_is_its_greedy_continuation(source):

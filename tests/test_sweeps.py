@@ -11,7 +11,7 @@ import compare
 from study import sweeps
 import train as train_module
 from config import UserError
-from repo import write_comparison
+from repo import assert_plotted, write_comparison
 
 
 def test_grid_crosses_variants_values_and_seeds(tmp_path, shared_cache):
@@ -118,8 +118,10 @@ def test_swept_comparison_end_to_end_with_a_diverged_run(tmp_path, shared_cache,
     assert [r["status"] for r in rows] == ["ok", "diverged", "ok", "diverged"]
     assert all(r["initial_val_loss"] > 5 for r in rows)
     out = tmp_path / "out"
-    for name in ["loss_vs_learning_rate.png", "sweep.json", "summary.md", "diagnostics_qk_learning_rate_0.01.png"]:
+    for name in ["sweep.json", "summary.md"]:
         assert (out / name).stat().st_size > 0, name
+    assert_plotted(out / "loss_vs_learning_rate.png", (640, 420))
+    assert_plotted(out / "diagnostics_qk_learning_rate_0.01.png", (1320, 512))
     summary = json.loads((out / "sweep.json").read_text())
     assert [s["variant"] for s in summary] == ["layernorm", "qk"] and all(s["n_diverged"] == 1 for s in summary)
     text = (out / "summary.md").read_text()
