@@ -143,6 +143,7 @@ def export_family(config, where):
     blocks, final = resolve_norm_stack(config)
     norms = {n for pair in blocks for n in pair} | {final}
     positions = set(resolve_block_positions(config))
+    rms = {"rmsnorm", "triton_rmsnorm"}
     problems = []
     if positions != {"pre"}:
         problems.append(f"norm positions {', '.join(sorted(positions - {'pre'}))} (the classes are pre-norm)")
@@ -161,7 +162,7 @@ def export_family(config, where):
         if config.n_kv_head not in (0, config.n_head):
             problems.append("grouped-query attention (GPT-2 has none)")
     elif config.pos_emb == "rope":
-        kind, wanted, mlps = ("qwen3" if config.qk_norm else "llama"), {"rmsnorm", "triton_rmsnorm"}, ("swiglu",)
+        kind, wanted, mlps = ("qwen3" if config.qk_norm else "llama"), rms, ("swiglu",)
         if config.qk_norm and config.qk_norm not in wanted:
             problems.append(f"qk_norm {config.qk_norm!r} (Qwen3's is rmsnorm)")
         if config.qk_norm and config.bias:
@@ -169,7 +170,13 @@ def export_family(config, where):
     else:
         kind, wanted, mlps = None, set(), ()
         problems.append(f"pos_emb = {config.pos_emb!r} (GPT-2 has learned positions, the Llama family RoPE)")
-    if kind is not None:
+    if kind == "gpt2" and norms <= rms:  # an RMSNorm stack has its class (Llama): the blockers are elsewhere
+        blockers = ["learned positions (Llama has RoPE: pos_emb = 'rope')"]
+        if config.mlp != "swiglu":
+            blockers.append(f"mlp = {config.mlp!r} (Llama's is 'swiglu')")
+        problems.append(f"norm {', '.join(sorted(norms))} with {' and '.join(blockers)}; LlamaForCausalLM has "
+                        f"RMSNorm, GPT2LMHeadModel LayerNorm only")
+    elif kind is not None:
         if norms - wanted:
             problems.append(f"norm {', '.join(sorted(norms - wanted))} ({CLASSES[kind]} has {sorted(wanted)[0]} only)")
         if config.mlp not in mlps:
