@@ -50,6 +50,7 @@ from config import (ArgumentParser, Config, UserError, apply_overrides, check_fo
                     read_toml, run_main)
 from model.norms import check_model_config
 from study.report import device_name, machine, markdown_table, ranking_metric, write_outputs
+from training.metrics import RESULT_KEYS
 from training.runlog import RunFolderBusy, read_metrics, run_folder_lock, run_folder_owner, write_atomic
 from study.workers import run_in_workers
 
@@ -227,9 +228,7 @@ def _run_locked(row, config, target, worker, log):
                    steps=max(r["step"] for r in metrics))
         log(f"[{variant} seed {seed}] diverged: {row['error']}")
     else:
-        keys = ["final_val_loss", "final_val_bpb", "best_val_loss", "final_train_loss", "tokens_per_s", "wall_seconds", "steps",
-                "n_params", "corpus_hash"]
-        row.update({k: result[k] for k in keys}, time_to_target_s=time_to_target(metrics, target))
+        row.update({k: result[k] for k in RESULT_KEYS}, time_to_target_s=time_to_target(metrics, target))
         log(f"[{variant} seed {seed}] val loss {row['final_val_loss']:.4f}, {row['tokens_per_s']:,.0f} tokens/s")
     write_atomic(run_dir / "result.json", json.dumps({"row": row, "config": config.to_dict()}, indent=1))
     return row
@@ -290,6 +289,9 @@ def compare(path, jobs=1, shard=None, report_only=False, log=print):
         return [rows[k] for k in indices], None
     # every row as its run folder has it: the same summary whichever way the runs were trained
     rows = [rows.get(k) or saved_row(*comparison.runs[k]) for k in range(len(comparison.runs))]
+    if comparison.sweep_key is not None:  # the swept value of each row's point: a column of its own in results.csv
+        for row in rows:
+            row["sweep_value"] = comparison.points[row["variant"]][1]
     if report_only and all(r["status"] == "missing" for r in rows):
         raise UserError(f"--report: none of the {len(rows)} runs of {path} has been trained yet (no run folder "
                         f"under {comparison.out_dir / 'runs'}); `python compare.py {path}` trains them")

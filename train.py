@@ -31,6 +31,7 @@ from training.checkpoint import (CONFIG, Counters, check_resumable, list_checkpo
                                  newest_intact_checkpoint, save_checkpoint, track_training_state)
 from training.distributed import (check_shared_run_folder, decided_on_main, held_by_main_process, make_accelerator,
                                   release_accelerator)
+from training import metrics
 from training.evaluation import evaluate_loss_and_bpb
 from training.optimizer import build_optimizer, learning_rate
 from training.runlog import RunLog, SavedLog, append_log, run_folder_lock
@@ -314,6 +315,7 @@ class Recorder:
         self.runlog, self.diagnostics, self.accelerator, self.trackers = runlog, diagnostics, accelerator, trackers
 
     def __call__(self, **entry):
+        metrics.check_entry(entry)  # a metric the schema lacks stops the run here, trackers or not
         measured = None
         if self.diagnostics is not None and entry["val_loss"] is not None:
             measured = self.diagnostics.measure(entry["step"])
@@ -335,11 +337,9 @@ def start_trackers(accelerator, config, step):
 
 
 def tracker_scalars(entry, diagnostics=None):
-    """A metrics.jsonl line (and a diagnostics line) as flat tracker scalars, e.g. val/loss."""
-    names = {"train_loss": "train/loss", "val_loss": "val/loss", "lr": "train/lr", "tokens_per_s": "train/tokens_per_s",
-             "skipped_steps": "train/skipped_steps", "tokens_seen": "train/tokens_seen", "train_z_loss": "train/z_loss",
-             "val_bpb": "val/bpb"}
-    scalars = {names[k]: v for k, v in entry.items() if k in names and v is not None}
+    """A metrics.jsonl line (named as training/metrics.py says) and a diagnostics line as flat tracker
+    scalars, e.g. val/loss and diagnostics/input_rms/block0.attn."""
+    scalars = metrics.tracker_scalars(entry)
     for key, values in (diagnostics or {}).items():
         if isinstance(values, list) and key != "sites":
             labels = diagnostics["sites"] if len(values) == len(diagnostics["sites"]) else [f"block{i}" for i in range(len(values))]

@@ -16,11 +16,13 @@ from scipy import stats
 
 from study import plots
 from study import sweeps
+from training.metrics import RESULT_KEYS
 from training.runlog import read_diagnostics, read_metrics
 
-RESULT_KEYS = ["variant", "seed", "sweep_value", "status", "initial_val_loss", "final_val_loss", "final_val_bpb", "best_val_loss", "final_train_loss", "tokens_per_s",
-               "wall_seconds", "time_to_target_s", "steps", "n_params", "corpus_hash", "run_seconds", "load_at_start",
-               "device", "worker", "run_dir", "error"]
+# results.csv's columns: a run's place in the grid, what train() reported (training/metrics.py), and how it ran;
+# sweep_value only with a [sweep]
+CSV_COLUMNS = ["variant", "seed", "sweep_value", "status", "initial_val_loss", *RESULT_KEYS, "time_to_target_s",
+               "run_seconds", "load_at_start", "device", "worker", "run_dir", "error"]
 P_THRESHOLD = 0.05
 # the config keys that decide the tokenizer: runs that differ in any of them have incomparable losses per token
 TOKENIZER_KEYS = ("data", "vocab_size", "tokenizer", "eod_token", "tokenizer_train_bytes", "hf_config", "hf_split",
@@ -137,7 +139,8 @@ def write_outputs(rows, comparison, header):
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(rows, indent=1))
     with open(out / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=RESULT_KEYS, extrasaction="ignore")
+        columns = [c for c in CSV_COLUMNS if c != "sweep_value" or comparison.sweep_key is not None]
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
     summary = summarize(rows, comparison)

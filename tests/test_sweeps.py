@@ -1,6 +1,7 @@
 """Sweeps in a comparison: the grid, min_lr following learning_rate, LR sensitivity on hand-made results
 (a diverged run counted as its initial loss), and a tiny swept comparison end to end with one run that
 diverges."""
+import csv
 import json
 import math
 from types import SimpleNamespace
@@ -118,6 +119,8 @@ def test_swept_comparison_end_to_end_with_a_diverged_run(tmp_path, shared_cache,
     assert [r["status"] for r in rows] == ["ok", "diverged", "ok", "diverged"]
     assert all(r["initial_val_loss"] > 5 for r in rows)
     out = tmp_path / "out"
+    with open(out / "results.csv") as f:  # each row's swept value has a column of its own
+        assert [row["sweep_value"] for row in csv.DictReader(f)] == ["0.01", "0.1", "0.01", "0.1"]
     for name in ["sweep.json", "summary.md"]:
         assert (out / name).stat().st_size > 0, name
     assert_plotted(out / "loss_vs_learning_rate.png", (640, 420))

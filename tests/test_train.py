@@ -6,6 +6,7 @@ import pytest
 from safetensors.torch import load_file
 
 from training.checkpoint import list_checkpoints, load_model
+from training.metrics import METRICS, RESULT_KEYS
 from training.runlog import read_metrics as metrics
 from config import UserError
 from sample import generate_samples, parse_args
@@ -31,6 +32,8 @@ def test_tiny_run_learns_and_records_metrics(tiny_run):
     assert {"step", "train_loss", "val_loss", "lr", "tokens_seen", "elapsed_s", "tokens_per_s"} <= set(rows[-1])
     assert rows[-1]["tokens_seen"] == 40 * config.batch_size * config.block_size
     assert len(result["corpus_hash"]) == 64 and result["n_params"] > 0
+    assert set(RESULT_KEYS) <= set(result)  # compare.py copies these into its rows
+    assert {k for r in rows for k in r} <= {"step", *METRICS}
 
 
 @pytest.mark.slow
