@@ -1,5 +1,5 @@
-"""The norm sites and types of the stability frontier: QK-norm, peri/output positions per block, DyT,
-z-loss; each against a hand-computed reference, with the KV cache, with resume, and bad values refused."""
+"""The norm sites beyond the pre-norm pair (QK-norm, peri/output positions per block), DyT and z-loss:
+each against a hand-computed reference, with the KV cache, with resume, and bad values refused."""
 import json
 import math
 
