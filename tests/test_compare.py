@@ -57,11 +57,10 @@ def tiny(tmp_path_factory, shared_cache):
             yield x, y, n_real
         val_digests.append(digest.hexdigest())
 
-    original_validation = train_module.validation_batches
+    original_validation = evaluation.validation_batches
     HashedBatches.created = []
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(train_module, "TrainBatches", HashedBatches)
-        mp.setattr(train_module, "validation_batches", hashed_validation)
         mp.setattr(evaluation, "validation_batches", hashed_validation)
         rows, summary = compare.compare(path, log=lambda *a: None)
     train_digests = [b.digest.hexdigest() for b in HashedBatches.created]
