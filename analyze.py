@@ -144,7 +144,7 @@ def main():
     if command in ("probe", "convert", "recentering", "pairs") and rest and not {"-h", "--help"} & set(rest):
         return {"probe": probe, "convert": convert, "recentering": recentering, "pairs": pairs}[command](rest)
     if command in ("-h", "--help") or any(a in ("-h", "--help") for a in rest):
-        print(__doc__.strip() + "\n\n" + USAGE)
+        print(USAGE + "\n\n" + __doc__.strip())
         return
     if command != "diagnostics" or not rest or rest[0].startswith("--"):
         raise UserError(USAGE)

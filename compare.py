@@ -50,6 +50,7 @@ from config import (ArgumentParser, Config, UserError, apply_overrides, check_fo
                     read_toml, run_main)
 from model.norms import check_model_config
 from study.report import device_name, machine, markdown_table, write_outputs
+from training.metrics import RESULT_KEYS
 from training.runlog import RunFolderBusy, read_metrics, run_folder_lock, run_folder_owner, write_atomic
 from study.workers import run_in_workers
 
@@ -90,6 +91,9 @@ def load_comparison(path):
     path = Path(path)
     spec = read_toml(path, "comparison file", "configs/compare_*.toml")
     unknown = sorted(set(spec) - COMPARISON_KEYS)
+    if unknown and "variants" not in spec and set(unknown) <= set(Config().to_dict()):
+        raise UserError(f"{path} is a training config (keys such as {', '.join(unknown[:3])}), not a comparison; "
+                        f"train.py takes it: python train.py {path}")
     if unknown:
         raise UserError(f"{path}: unknown key(s) {', '.join(unknown)}; a comparison has {', '.join(sorted(COMPARISON_KEYS))}")
     variants, seeds = spec.get("variants"), spec.get("seeds")
@@ -219,9 +223,7 @@ def _run_locked(row, config, target, worker, log):
                    steps=max(r["step"] for r in metrics))
         log(f"[{variant} seed {seed}] diverged: {row['error']}")
     else:
-        keys = ["final_val_loss", "final_val_bpb", "best_val_loss", "final_train_loss", "tokens_per_s", "wall_seconds", "steps",
-                "n_params", "corpus_hash", "tokenizer_hash"]
-        row.update({k: result[k] for k in keys}, time_to_target_s=time_to_target(metrics, target))
+        row.update({k: result[k] for k in RESULT_KEYS}, time_to_target_s=time_to_target(metrics, target))
         log(f"[{variant} seed {seed}] val loss {row['final_val_loss']:.4f}, {row['tokens_per_s']:,.0f} tokens/s")
     write_atomic(run_dir / "result.json", json.dumps({"row": row, "config": config.to_dict()}, indent=1))
     return row
@@ -282,6 +284,12 @@ def compare(path, jobs=1, shard=None, report_only=False, log=print):
         return [rows[k] for k in indices], None
     # every row as its run folder has it: the same summary whichever way the runs were trained
     rows = [rows.get(k) or saved_row(*comparison.runs[k]) for k in range(len(comparison.runs))]
+    if comparison.sweep_key is not None:  # the swept value of each row's point: a column of its own in results.csv
+        for row in rows:
+            row["sweep_value"] = comparison.points[row["variant"]][1]
+    if report_only and all(r["status"] == "missing" for r in rows):
+        raise UserError(f"--report: none of the {len(rows)} runs of {path} has been trained yet (no run folder "
+                        f"under {comparison.out_dir / 'runs'}); `python compare.py {path}` trains them")
     threads = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
     flags = "" if jobs == 1 else f" --jobs {jobs}"
     timed = [r for r in rows if r.get("run_seconds") is not None]

@@ -353,11 +353,20 @@ def check_folder(path, what):
     return path
 
 
+def check_not_a_comparison(values, path):
+    """A comparison file (compare.py's: base_config, [variants]) given where a training config belongs."""
+    if "variants" in values or "base_config" in values:
+        raise UserError(f"{str(path)!r} is a comparison file (it has {'[variants]' if 'variants' in values else 'base_config'}), "
+                        f"not a training config; compare.py takes it: python compare.py {path}")
+
+
 def load_config(path: str | Path | None, overrides: list[str] | dict = ()) -> Config:
     """Read a TOML config (or start from defaults when path is None), apply overrides, validate."""
     config = Config()
     if path is not None:
-        config = apply_overrides(config, read_toml(path))
+        values = read_toml(path)
+        check_not_a_comparison(values, path)
+        config = apply_overrides(config, values)
     if not isinstance(overrides, dict):
         overrides = parse_cli_overrides(list(overrides))
     return apply_overrides(config, overrides).validate()

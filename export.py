@@ -13,7 +13,7 @@ from hf import export_checkpoint
 
 
 def main():
-    parser = ArgumentParser(description=__doc__.strip().splitlines()[0],
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "),
                             hint="; usage: python export.py <run dir or checkpoint> <out folder>")
     parser.add_argument("run", help="a run dir (its newest intact checkpoint is exported) or a checkpoint folder")
     parser.add_argument("out", help="a new folder for the transformers checkpoint")

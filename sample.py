@@ -13,6 +13,7 @@ from tokenizers import Tokenizer
 from config import ArgumentParser, UserError, run_main
 from data.tokenizer import end_of_document
 from hf.sources import load_source
+from training.checkpoint import read_meta
 
 
 def parse_args(argv=None):
@@ -91,12 +92,14 @@ class StreamingDecoder:
 
 def generate_samples(args, out=None):
     out = out or sys.stdout
+    prompt = read_prompt(args)  # a bad prompt file fails before the model loads
     source = load_source(args.run, args.device, tokenizer=args.tokenizer)
     model, config = source.model, source.config
-    if source.quantization:
-        print(f"{source.label}", file=sys.stderr)
+    if source.origin == "run":  # one line on stderr: stdout is the text
+        print(f"loaded checkpoint {source.folder} (step {read_meta(source.folder).get('step')})", file=sys.stderr)
+    else:
+        print(f"loaded {source.label}", file=sys.stderr)
     tokenizer = Tokenizer.from_file(str(source.tokenizer))
-    prompt = read_prompt(args)
     ids = tokenizer.encode(prompt, add_special_tokens=False).ids if prompt else []
     # samples start as a fresh document: after an end-of-document token, or (doc_windows: Gemma) with <bos>
     ids = [end_of_document(tokenizer, config.eod_token)[1]] + ids

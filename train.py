@@ -31,9 +31,10 @@ from training.checkpoint import (CONFIG, Counters, check_resumable, list_checkpo
                                  newest_intact_checkpoint, save_checkpoint, track_training_state)
 from training.distributed import (check_shared_run_folder, decided_on_main, held_by_main_process, make_accelerator,
                                   release_accelerator)
+from training import metrics
 from training.evaluation import evaluate_loss_and_bpb
 from training.optimizer import build_optimizer, learning_rate
-from training.runlog import RunLog, run_folder_lock
+from training.runlog import RunLog, SavedLog, append_log, run_folder_lock
 
 
 def seed_everything(seed):
@@ -80,6 +81,8 @@ def check_run_folder(run_dir, resume):
 
 def _train(config, resume, log, accelerator):
     run_dir = Path(config.out_dir)
+    if accelerator.is_main_process:  # what is printed is kept in the run folder too
+        log = SavedLog(run_dir, log)
     if config.max_steps < config.warmup_steps:
         log(f"warning: max_steps ({config.max_steps}) < warmup_steps ({config.warmup_steps}): the run ends inside "
             f"its warmup, at a rate of {learning_rate(config.max_steps - 1, config):.3g} (learning_rate is "
@@ -117,6 +120,7 @@ def _train(config, resume, log, accelerator):
     runlog = RunLog(run_dir) if accelerator.is_main_process else None
     if runlog is not None:
         runlog.start(config, data.tokenizer_path, counters.step)
+        log.keep()  # this start is accepted: train.log gets what was printed so far, and the rest as it comes
     diagnostics = None
     if config.diagnostics:
         x = diagnostics_batch(val_tokens, config.block_size, config.batch_size, accelerator.device,
@@ -163,7 +167,9 @@ def _train(config, resume, log, accelerator):
             interval_time = time.perf_counter() - interval_start
             counters.elapsed_s += interval_time
             if skipped and accelerator.is_main_process:
-                progress.write(f"steps {interval_first}-{step}: {skipped} skipped (non-finite loss or gradient)")
+                message = f"steps {interval_first}-{step}: {skipped} skipped (non-finite loss or gradient)"
+                progress.write(message)  # printed above the progress bar
+                append_log(run_dir, message)
             counters.skipped_steps += skipped
             if stopped_at:
                 last = list_checkpoints(run_dir)
@@ -310,6 +316,7 @@ class Recorder:
         self.runlog, self.diagnostics, self.accelerator, self.trackers = runlog, diagnostics, accelerator, trackers
 
     def __call__(self, **entry):
+        metrics.check_entry(entry)  # a metric the schema lacks stops the run here, trackers or not
         measured = None
         if self.diagnostics is not None and entry["val_loss"] is not None:
             measured = self.diagnostics.measure(entry["step"])
@@ -331,11 +338,9 @@ def start_trackers(accelerator, config, step):
 
 
 def tracker_scalars(entry, diagnostics=None):
-    """A metrics.jsonl line (and a diagnostics line) as flat tracker scalars, e.g. val/loss."""
-    names = {"train_loss": "train/loss", "val_loss": "val/loss", "lr": "train/lr", "tokens_per_s": "train/tokens_per_s",
-             "skipped_steps": "train/skipped_steps", "tokens_seen": "train/tokens_seen", "train_z_loss": "train/z_loss",
-             "val_bpb": "val/bpb"}
-    scalars = {names[k]: v for k, v in entry.items() if k in names and v is not None}
+    """A metrics.jsonl line (named as training/metrics.py says) and a diagnostics line as flat tracker
+    scalars, e.g. val/loss and diagnostics/input_rms/block0.attn."""
+    scalars = metrics.tracker_scalars(entry)
     for key, values in (diagnostics or {}).items():
         if isinstance(values, list) and key != "sites":
             labels = diagnostics["sites"] if len(values) == len(diagnostics["sites"]) else [f"block{i}" for i in range(len(values))]

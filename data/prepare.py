@@ -284,9 +284,9 @@ def main():
     from dataclasses import replace
 
     from config import ArgumentParser, check_folder, load_config
-    parser = ArgumentParser(description="Build the data cache (tokenizer, train.bin, val.bin) "
+    parser = ArgumentParser(prog="python -m data.prepare", description="Build the data cache (tokenizer, train.bin, val.bin) "
                                      "for a config's data and print its folder.")
-    parser.add_argument("config", help="a TOML config, e.g. configs/default.toml")
+    parser.add_argument("config", help="a TOML config, e.g. configs/default.toml; --key=value overrides follow it")
     parser.add_argument("--workers", type=int, help="tokenizer processes (default: prepare_workers, 0 = all CPUs)")
     args, overrides = parser.parse_known_args()
     config = load_config(args.config, overrides)

@@ -266,7 +266,13 @@ def export_family(config, where):
         else:
             kind, wanted, mlps = None, set(), ()
             problems.append(f"pos_emb = {config.pos_emb!r} (GPT-2 has learned positions, the Llama family RoPE)")
-    if kind is not None:
+    if kind == "gpt2" and norms <= rms:  # an RMSNorm stack has its class (Llama): the blockers are elsewhere
+        blockers = ["learned positions (Llama has RoPE: pos_emb = 'rope')"]
+        if config.mlp != "swiglu":
+            blockers.append(f"mlp = {config.mlp!r} (Llama's is 'swiglu')")
+        problems.append(f"norm {', '.join(sorted(norms))} with {' and '.join(blockers)}; LlamaForCausalLM has "
+                        f"RMSNorm, GPT2LMHeadModel LayerNorm only")
+    elif kind is not None:
         if norms - wanted:
             problems.append(f"norm {', '.join(sorted(norms - wanted))} ({CLASSES[kind]} has {sorted(wanted)[0]} only)")
         if config.mlp not in mlps:

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from config import UserError
 from model.layers import MLP, CausalSelfAttention, Rotary, head_size, mlp_hidden_size
-from model.norms import (check_model_config, make_norm, norm_names_used, resolve_block_attention,
+from model.norms import (FUSABLE_NORMS, check_model_config, make_norm, norm_names_used, resolve_block_attention,
                          resolve_block_positions, resolve_norm_stack)
 
 
@@ -172,8 +172,21 @@ class GPT(nn.Module):
         lines.append(f"  final: {final}")
         used = norm_names_used(c, blocks, final)
         if "dyt" in used:
-            lines.append(f"  dyt: alpha initialised to {c.dyt_alpha}"
-                         + (f", {c.dyt_alpha_attn} at the attention norms" if c.dyt_alpha_attn else ""))
+            lines.append(f"  dyt: alpha initialised to {c.dyt_alpha}")
+        if c.dyt_alpha_attn:  # it reaches ln_1 only: say where it applied, and which attention norms it did not
+            pairs = list(zip(blocks, positions))
+            attn = sum(a == "dyt" and p != "output" for (a, _), p in pairs)
+            missed = [name for name, dyt in (
+                ("q/k", c.qk_norm == "dyt"),
+                ("attention output", any((c.output_norm or a) == "dyt" for (a, _), p in pairs if p in ("peri", "output"))))
+                if dyt]
+            lines.append(f"  dyt_alpha_attn: alpha initialised to {c.dyt_alpha_attn} at the attention input norm (ln_1) "
+                         f"of {attn} of {len(blocks)} blocks" + (f"; the {' and '.join(missed)} norms keep dyt_alpha"
+                                                                 if missed else "")
+                         + ("" if attn else " (no ln_1 is dyt here: it changes nothing)"))
+        if c.fused_add_norm:
+            lines.append("  fused_add_norm: each residual add runs in one kernel with the norm after it"
+                         + ("" if final in FUSABLE_NORMS else f", except before the final norm ({final}: no fused kernel)"))
         if c.embed_scale:
             lines.insert(1, f"  embed: times a learned scalar, initialised to {c.embed_scale:g}")
         if "derf" in used:

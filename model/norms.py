@@ -316,6 +316,9 @@ def resolve_norm_stack(config):
     return blocks, final
 
 
+FUSABLE_NORMS = ("rmsnorm", "triton_rmsnorm")  # the norms with add_norm: fused_add_norm's residual add + norm kernel
+
+
 def norm_names_used(config, blocks, final):
     """Every norm name the stack puts at some site ("" for an absent optional site)."""
     return {n for pair in blocks for n in pair} | {final, config.qk_norm, config.output_norm, config.embed_norm}
@@ -344,8 +347,7 @@ def check_model_config(config):
             raise UserError(f"output_norm = {config.output_norm!r} has no site: no block has norm position "
                             f"'peri' or 'output' (set norm_position or block_positions)")
     if config.fused_add_norm:
-        fusable = ("rmsnorm", "triton_rmsnorm")
-        other = sorted({n for pair in blocks for n in pair} - set(fusable))
+        other = sorted({n for pair in blocks for n in pair} - set(FUSABLE_NORMS))
         not_pre = sorted(set(positions) - {"pre"})
         if not_pre or other:
             where = f"norm_position is {config.norm_position!r}" if not config.block_positions else \

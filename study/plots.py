@@ -2,6 +2,8 @@
 
 Headless (Agg backend): these run in CI and under nohup, where there is no display.
 """
+import textwrap
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -37,7 +39,8 @@ def plot_loss_curves(curves, path_step, path_time, title=""):
         ax.set_ylabel("val loss (nats/token)")
         ax.set_title(f"{title}: val loss vs {'wall-clock' if use_time else 'step'}", fontsize=10)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:  # no finished run: no legend (matplotlib warns on an empty one)
+            ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(path)
         plt.close(fig)
@@ -106,7 +109,9 @@ def plot_probe(rows, path, title=""):
     ax.invert_yaxis()
     ax.axvline(0, color="black", linewidth=0.8)
     ax.set_xlabel("Δ val loss when the site is flipped (nats/token), with its 95% interval")
-    ax.set_title(f"{title}\nblue: re-centering removed, orange: re-centering added, gray: site removed", fontsize=9)
+    # a long name wraps rather than running off the figure
+    ax.set_title(textwrap.fill(title, 70) + "\nblue: re-centering removed, orange: re-centering added, "
+                 "gray: site removed", fontsize=9)
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
@@ -136,7 +141,8 @@ def plot_loss_vs_sweep(summary, values, path, title=""):
     ax.set_ylabel("final val loss (nats/token)")
     ax.set_title(f"{title}: final val loss (diverged = initial loss, marked x)", fontsize=9)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -37,7 +37,7 @@ from study import plots
 from study.recentering import DELTA_THRESHOLD
 from study.staged import ALPHA, DECISIONS, bootstrap_ci, delta, planned_looks, staged
 from training.checkpoint import load_model
-from training.runlog import DIAGNOSTICS, read_diagnostics
+from training.runlog import DIAGNOSTICS, METRICS, read_diagnostics
 
 SCREEN = 8  # windows every flip is screened on
 MAX_WINDOWS = 64  # windows a flip gets at most (looks at 8, 16, 32, 64: alpha / 4 per look)
@@ -362,6 +362,14 @@ def measure_once(model, config):
 
 def run_diagnostics(run_dir, log=print):
     rows = read_diagnostics(run_dir)
+    runs = sorted(p.parent for p in (Path(run_dir) / "runs").rglob(METRICS)) if not rows else []
+    if runs:  # a comparison folder: diagnostics are its runs'
+        recorded = [r for r in runs if read_diagnostics(r)]
+        raise UserError(f"{str(run_dir)!r} is a comparison folder; diagnostics are per run, e.g. analyze.py diagnostics "
+                        f"{recorded[0]} ({len(recorded)} of its {len(runs)} runs recorded them; their seed means "
+                        f"are its diagnostics_<variant>.png)" if recorded else
+                        f"{str(run_dir)!r} is a comparison folder, and none of its {len(runs)} runs recorded diagnostics; "
+                        f"set diagnostics = true in its [base] table and train again")
     if not rows:
         raise UserError(f"{str(run_dir)!r} has no diagnostics.jsonl; train with diagnostics = true")
     path = Path(run_dir) / "diagnostics.png"

@@ -44,7 +44,8 @@ def find_runs(folder):
     if not folder.is_dir():
         raise UserError(f"{str(folder)!r} is not a folder; give a comparison's out_dir (or a run dir)")
     if (folder / "checkpoints").is_dir():
-        return [(folder, {"variant": folder.name, "seed": None})]
+        seed = json.loads((folder / "config.json").read_text()).get("seed") if (folder / "config.json").exists() else None
+        return [(folder, {"variant": folder.name, "seed": seed})]
     runs = []
     for done in sorted(folder.glob("runs/**/result.json")):
         row = json.loads(done.read_text()).get("row", {})
@@ -181,15 +182,15 @@ def folds(records):
     if len(seeds) >= 2:
         half = set(seeds[::2])
         split = [r["seed"] in half for r in records]
-        how = f"seeds {seeds[::2]} vs {seeds[1::2]}"
+        names = (f"seeds {seeds[::2]}", f"seeds {seeds[1::2]}")
     else:
         runs = sorted({r["run"] for r in records})
         half = set(runs[::2])
         split = [r["run"] in half for r in records]
-        how = "alternate runs"
+        names = ("runs 1, 3, ...", "runs 2, 4, ...")
     a = [r for r, s in zip(records, split) if s]
     b = [r for r, s in zip(records, split) if not s]
-    return (a, b), how
+    return (a, b), names
 
 
 def scores(values, labels, threshold):
@@ -230,15 +231,15 @@ def needs(record, delta_threshold):
 
 def held_out(records, statistic, delta_threshold):
     """Fit the threshold on one half of the runs, score it on the other, both ways round."""
-    (a, b), how = folds(records)
-    out = {"statistic": statistic, "split": how, "folds": []}
-    for fit, test in ((a, b), (b, a)):
+    (a, b), (name_a, name_b) = folds(records)
+    out = {"statistic": statistic, "split": f"{name_a} vs {name_b}", "folds": []}
+    for fit, test, fitted_on, tested_on in ((a, b, name_a, name_b), (b, a, name_b, name_a)):
         if not fit or not test:
             continue
         fv, fl = (np.array([r[statistic] for r in fit]), np.array([needs(r, delta_threshold) for r in fit]))
         tv, tl = (np.array([r[statistic] for r in test]), np.array([needs(r, delta_threshold) for r in test]))
         t = fit_threshold(fv, fl)
-        entry = {"n_fit": len(fit), "n_test": len(test), "positives_fit": int(fl.sum()), "positives_test": int(tl.sum()),
+        entry = {"fitted_on": fitted_on, "tested_on": tested_on, "n_fit": len(fit), "n_test": len(test), "positives_fit": int(fl.sum()), "positives_test": int(tl.sum()),
                  "threshold": t, "always_no_accuracy": float((~tl).mean())}
         if t is not None:
             entry.update(scores(tv, tl, t))
@@ -284,17 +285,18 @@ def markdown(result):
     if not result["n_needing"]:
         lines += [f"No site's flip moved the val loss by more than {result['delta_threshold']:g} nats, so there is "
                   f"nothing to predict at this threshold: calling no site is always right.", ""]
-    lines += ["| statistic | split | fitted on → tested on (sites, positives) | threshold | accuracy | balanced accuracy | always-no |",
+    lines += ["| statistic | fitted on → tested on | sites (positives) | threshold | accuracy | balanced accuracy | always-no |",
               "|---|---|---|---|---|---|---|"]
     for h in result["held_out"]:
-        for f in h["folds"]:
-            lines.append(f"| {h['statistic']} | {h['split']} | {f['n_fit']} ({f['positives_fit']}) → {f['n_test']} "
+        for f in h["folds"]:  # each row names its own direction: the halves swap between a statistic's two rows
+            lines.append(f"| {h['statistic']} | {f['fitted_on']} → {f['tested_on']} | {f['n_fit']} ({f['positives_fit']}) → {f['n_test']} "
                          f"({f['positives_test']}) | {fmt(f['threshold'], '.3g')} | {fmt(f.get('accuracy'), '.3f')} "
                          f"| {fmt(f.get('balanced_accuracy'), '.3f')} | {f['always_no_accuracy']:.3f} |")
     lines += ["", "## Largest flips", "", "| run | site | norm | Δ val loss | mean_share | offset_ratio | gained_offset |",
               "|---|---|---|---|---|---|---|"]
     for r in result["largest"]:
-        lines.append(f"| {r['variant']} seed {r['seed']} | {r['site']} | {r['norm']} | {r['delta']:+.5f} "
+        run = r["variant"] if r["seed"] is None else f"{r['variant']} seed {r['seed']}"  # a pretrained model has none
+        lines.append(f"| {run} | {r['site']} | {r['norm']} | {r['delta']:+.5f} "
                      f"| {r['mean_share']:.2e} | {r['offset_ratio']:.3f} | {r['gained_offset']:.3f} |")
     lines += ["", "![|Δ| against each statistic](recentering.png)", ""]
     return "\n".join(lines)

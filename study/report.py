@@ -16,11 +16,13 @@ from scipy import stats
 
 from study import plots
 from study import sweeps
+from training.metrics import RESULT_KEYS
 from training.runlog import read_diagnostics, read_metrics
 
-RESULT_KEYS = ["variant", "seed", "sweep_value", "status", "initial_val_loss", "final_val_loss", "final_val_bpb", "best_val_loss", "final_train_loss", "tokens_per_s",
-               "wall_seconds", "time_to_target_s", "steps", "n_params", "corpus_hash", "tokenizer_hash", "run_seconds", "load_at_start",
-               "device", "worker", "run_dir", "error"]
+# results.csv's columns: a run's place in the grid, what train() reported (training/metrics.py), and how it ran;
+# sweep_value only with a [sweep]
+CSV_COLUMNS = ["variant", "seed", "sweep_value", "status", "initial_val_loss", *RESULT_KEYS, "time_to_target_s",
+               "run_seconds", "load_at_start", "device", "worker", "run_dir", "error"]
 P_THRESHOLD = 0.05
 METRIC_NAMES = {"final_val_loss": "final val loss (nats/token)", "final_val_bpb": "final val bits per byte"}
 
@@ -135,7 +137,8 @@ def write_outputs(rows, comparison, header):
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(rows, indent=1))
     with open(out / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=RESULT_KEYS, extrasaction="ignore")
+        columns = [c for c in CSV_COLUMNS if c != "sweep_value" or comparison.sweep_key is not None]
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
     summary = summarize(rows, comparison)
@@ -154,6 +157,8 @@ def write_outputs(rows, comparison, header):
             f"Paired p: a paired t-test over seeds (same seed = same batches and same initial weights), for "
             f"information; the verdict does not use it. Time to target: training "
             f"seconds (eval excluded) at the first eval reaching the target, mean over the seeds that reached it.",
+            "", "The curves start at the first eval after step 0: the untrained model's loss (about ln(vocab_size) "
+            "for every variant; results.csv's initial_val_loss) would squash the range where the variants differ.",
             "", "![val loss vs step](val_loss_vs_step.png)", "", "![val loss vs time](val_loss_vs_time.png)"]
     if comparison.sweep_key is not None:
         text += sweep_report(rows, comparison)

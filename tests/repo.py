@@ -1,5 +1,6 @@
-"""What the tests share, defined once: the repository root and how they run its command lines, the
-small configs they train or prepare data with, comparison files, and comparing two runs' logs.
+"""What the tests share, defined once: the repository root and how they run its command lines (and
+accelerate's multi-process launches), the small configs they train or prepare data with, comparison files, comparing two runs' logs, and
+checking a plot.
 (The norm tests' fp64 references and tolerances are in norm_checks.py.)"""
 import json
 import os
@@ -18,6 +19,27 @@ def run_cli(*args, timeout=300, env_overrides=None):
     """`python *args` in the repository root, output captured as text; env_overrides on top of os.environ."""
     env = {**os.environ, **env_overrides} if env_overrides else None
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+ACCELERATE_MODES = {  # how accelerate spreads processes over this CPU (gloo): replicas, or FSDP2 shards per Block
+    "ddp": ["--multi_gpu"],
+    "fsdp": ["--use_fsdp", "--fsdp_version=2", "--fsdp_auto_wrap_policy=TRANSFORMER_BASED_WRAP",
+             "--fsdp_transformer_layer_cls_to_wrap=Block", "--fsdp_state_dict_type=SHARDED_STATE_DICT"],
+}
+
+
+def accelerate_command(script, *args, processes=2, mode="ddp"):
+    """argv of `accelerate launch` running `script args` in `processes` local processes (ddp or fsdp)."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines=1", "--mixed_precision=no",
+               "--dynamo_backend=no", f"--num_processes={processes}"]
+    return command + (ACCELERATE_MODES[mode] if processes > 1 else []) + [str(script), *map(str, args)]
+
+
+def accelerate_launch(script, *args, processes=2, mode="ddp", env_overrides=None, timeout=300):
+    """accelerate_command run to its end in the repository root, output captured as text."""
+    env = {**os.environ, **env_overrides} if env_overrides else None
+    return subprocess.run(accelerate_command(script, *args, processes=processes, mode=mode), cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def tiny_run_config(out_dir, cache_dir, **overrides):
@@ -56,6 +78,17 @@ def assert_same_metrics(a, b, tol=1e-6):
                 assert rb[key] == pytest.approx(ra[key], rel=tol, abs=tol), (ra["step"], key)
             else:
                 assert rb[key] == ra[key], (ra["step"], key)
+
+
+def assert_plotted(path, size=None):
+    """`path` is a PNG with data drawn on it: (width, height) in pixels as given, and coloured pixels
+    (lines, bars, heatmap cells); axes and text alone are black and grey."""
+    from matplotlib.image import imread
+    image = imread(path)[..., :3]
+    if size is not None:
+        assert (image.shape[1], image.shape[0]) == size, (path, image.shape)
+    saturation = image.max(-1) - image.min(-1)
+    assert (saturation > 0.3).mean() > 1e-4, f"{path}: nothing coloured is drawn"
 
 
 def wait_for(condition, proc, timeout=120):

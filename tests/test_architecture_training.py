@@ -2,15 +2,13 @@
 SwiGLU + soft-cap under compile and bf16, and a resume that would change the architecture."""
 import dataclasses
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from config import UserError
-from repo import ROOT
+from repo import ROOT, accelerate_launch, assert_same_metrics
 from train import train
 from training.checkpoint import list_checkpoints, load_model
 from training.runlog import read_metrics
@@ -19,12 +17,6 @@ pytestmark = pytest.mark.slow
 
 MODERN = dict(pos_emb="rope", mlp="swiglu", tie_embeddings=False, logit_softcap=15.0, qk_norm="rmsnorm",
               norm="rmsnorm", embed_norm="rmsnorm")
-
-
-def strip_times(rows):
-    return [{k: v for k, v in m.items() if k not in ("elapsed_s", "tokens_per_s")} for m in rows]
-
-
 
 
 def resume_from_step_10(run_dir, copy):
@@ -47,7 +39,7 @@ def test_untied_modern_run_saves_loads_and_resumes_exactly(tiny_config, tmp_path
 
     copy = resume_from_step_10(config.out_dir, tmp_path / "resumed")
     train(dataclasses.replace(config, out_dir=str(copy)), resume=True, log=lambda *_: None)
-    assert strip_times(read_metrics(copy)) == strip_times(read_metrics(config.out_dir))
+    assert_same_metrics(read_metrics(config.out_dir), read_metrics(copy), tol=0)
     with pytest.raises(UserError, match=r"pos_emb 'rope' -> 'learned'"):
         train(dataclasses.replace(config, out_dir=str(copy), max_steps=30, pos_emb="learned"), resume=True,
               log=lambda *_: None)
@@ -62,22 +54,18 @@ def test_modern_keys_train_compiled_in_bf16(tiny_config):
 
 
 def test_untied_rope_run_under_two_fsdp_processes_resumes_exactly(tmp_path, shared_cache):
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines=1", "--mixed_precision=no",
-              "--dynamo_backend=no", "--num_processes=2", "--use_fsdp", "--fsdp_version=2",
-              "--fsdp_auto_wrap_policy=TRANSFORMER_BASED_WRAP", "--fsdp_transformer_layer_cls_to_wrap=Block",
-              "--fsdp_state_dict_type=SHARDED_STATE_DICT", "train.py", str(ROOT / "configs" / "tiny.toml"),
-              f"--cache_dir={shared_cache}", "--batch_size=4", "--eval_windows=8", "--eval_interval=10",
-              *[f"--{k}={v}" for k, v in MODERN.items()]]
+    common = [ROOT / "configs" / "tiny.toml", f"--cache_dir={shared_cache}", "--batch_size=4", "--eval_windows=8",
+              "--eval_interval=10", *[f"--{k}={v}" for k, v in MODERN.items()]]
 
     def run(out, steps, *extra):
-        proc = subprocess.run(launch + [f"--out_dir={out}", f"--max_steps={steps}", *extra], cwd=ROOT,
-                              capture_output=True, text=True, timeout=600)
+        proc = accelerate_launch("train.py", *common, f"--out_dir={out}", f"--max_steps={steps}", *extra, mode="fsdp",
+                                 timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
         return proc.stdout
 
     assert "sharding: FSDP2" in run(tmp_path / "whole", 20)
     copy = resume_from_step_10(tmp_path / "whole", tmp_path / "resumed")
     run(copy, 20, "--resume")
-    assert strip_times(read_metrics(copy)) == strip_times(read_metrics(tmp_path / "whole"))
+    assert_same_metrics(read_metrics(tmp_path / "whole"), read_metrics(copy), tol=0)
     weights = load_file(list_checkpoints(tmp_path / "whole")[-1] / "model.safetensors")
     assert not torch.equal(weights["lm_head.weight"], weights["transformer.wte.weight"])

@@ -1,6 +1,7 @@
 """compare.py end to end on a tiny comparison: files, identical batches per seed, summary vs per-run
 files, restart, a failing variant, bad configs; and analyze.py's probe on one of its runs."""
 import csv
+import dataclasses
 import hashlib
 import json
 import re
@@ -12,15 +13,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from accelerate import Accelerator
 from scipy import stats
 
 import compare
 from study import report
 import train as train_module
+from data.prepare import prepare_data
 from training import evaluation
+from training.checkpoint import load_model
 from study.probe import run_probe
 from config import UserError
-from repo import ROOT, write_comparison
+from repo import ROOT, assert_plotted, write_comparison
 
 
 class HashedBatches(train_module.TrainBatches):
@@ -80,9 +84,11 @@ def test_every_shipped_comparison_builds_a_valid_run_for_each_point_and_seed(nam
 @pytest.mark.slow
 def test_tiny_comparison_produces_every_file(tiny):
     _, out, rows, _, _, _ = tiny
-    for name in ["results.csv", "results.json", "summary.md", "summary.json", "val_loss_vs_step.png",
-                 "val_loss_vs_time.png", "diagnostics_layernorm.png", "diagnostics_rmsnorm.png"]:
+    for name in ["results.csv", "results.json", "summary.md", "summary.json"]:
         assert (out / name).stat().st_size > 0, name
+    for name, size in [("val_loss_vs_step.png", (640, 400)), ("val_loss_vs_time.png", (640, 400)),
+                       ("diagnostics_layernorm.png", (1320, 512)), ("diagnostics_rmsnorm.png", (1320, 512))]:
+        assert_plotted(out / name, size)
     assert [(r["variant"], r["seed"]) for r in rows] == [("layernorm", 1), ("rmsnorm", 1), ("layernorm", 2), ("rmsnorm", 2)]
     for r in rows:
         assert r["status"] == "ok"
@@ -169,7 +175,16 @@ def test_probe_on_a_trained_run(tiny):
     probe = run_probe(run_dir, log=lambda *a: None)
     assert [r["site"] for r in probe] == ["block0.attn", "block0.mlp", "block1.attn", "block1.mlp", "final"]
     assert all(r["change"] == "mean subtraction added" for r in probe)
-    assert (run_dir / "probe.png").is_file() and "| final | RMSNorm |" in (run_dir / "probe.md").read_text()
+    assert_plotted(run_dir / "probe.png")
+    assert "| final | RMSNorm |" in (run_dir / "probe.md").read_text()
+    # analyze.py probe <run> --eval_windows=N: the run's model on fewer windows
+    config = load_model(run_dir)[1]
+    fewer = run_probe(run_dir, {"eval_windows": 4}, log=lambda *a: None)
+    windows = prepare_data(config, log=lambda *a: None).tokens("val")
+    small = dataclasses.replace(config, eval_windows=4)
+    assert fewer[0]["base_val_loss"] == pytest.approx(evaluation.evaluate(load_model(run_dir)[0], windows, small,
+                                                                          Accelerator(cpu=True)), rel=1e-6)
+    assert fewer[0]["base_val_loss"] != probe[0]["base_val_loss"]
 
 
 @pytest.mark.slow

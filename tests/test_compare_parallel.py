@@ -14,6 +14,7 @@ import torch
 import compare
 from config import UserError, run_main
 from repo import ROOT, write_comparison
+from training.metrics import METRICS
 from training.runlog import read_diagnostics, read_metrics
 
 VARIANTS = {"layernorm": {"norm": "layernorm"}, "rmsnorm": {"norm": "rmsnorm"}}
@@ -187,6 +188,8 @@ def test_tensorboard_holds_the_logged_scalars(tiny_config):
     assert logged["train/loss"] == pytest.approx({r["step"]: r["train_loss"] for r in metrics if r["train_loss"] is not None})
     assert logged["val/loss"] == pytest.approx({r["step"]: r["val_loss"] for r in metrics if r["val_loss"] is not None})
     assert set(logged["train/lr"]) == {r["step"] for r in metrics}
+    # every metric the run recorded reached the tracker, under the schema's name
+    assert {METRICS[k].tracker for r in metrics for k, v in r.items() if k != "step" and v is not None} <= set(logged)
     diagnostics = read_diagnostics(config.out_dir)
     site = diagnostics[0]["sites"][0]
     assert logged[f"diagnostics/input_rms/{site}"] == pytest.approx({d["step"]: d["input_rms"][0] for d in diagnostics})

@@ -247,6 +247,11 @@ UNEXPORTABLE = [  # (our config, what the one line names)
     (dict(norm="seednorm", pos_emb="rope", mlp="swiglu"), "norm seednorm (LlamaForCausalLM has rmsnorm only)"),
     (dict(norm="prmsnorm", pos_emb="rope", mlp="swiglu"), "norm prmsnorm"),
     (dict(block_norms="layernorm,rmsnorm"), "norm rmsnorm (GPT2LMHeadModel has layernorm only)"),
+    # a pure-RMSNorm stack has its class; what keeps a GPT-2-style one out of it is named
+    (dict(norm="rmsnorm"), "norm rmsnorm with learned positions (Llama has RoPE: pos_emb = 'rope') and mlp = 'gelu' "
+                           "(Llama's is 'swiglu'); LlamaForCausalLM has RMSNorm, GPT2LMHeadModel LayerNorm only"),
+    (dict(norm="rmsnorm", mlp="swiglu"), "represents norm rmsnorm with learned positions (Llama has RoPE: "
+                                         "pos_emb = 'rope'); LlamaForCausalLM"),
     (dict(block_positions="post,pre"), "norm positions post (the classes are pre-norm, or peri in every block"),
     (dict(block_positions="peri,pre"), "norm positions peri (the classes are pre-norm, or peri in every block: Gemma 3)"),
     (dict(logit_softcap=15.0), "logit_softcap (of these classes only Gemma 3 soft-caps)"),

@@ -19,8 +19,7 @@ import sample
 from config import load_config, run_main
 from data.prepare import prepare_data
 from hf_checkpoints import TEXT, build, documents, tokenizer_file
-from repo import ROOT, run_cli
-from test_reliability import assert_same_metrics, wait_for
+from repo import ROOT, assert_plotted, assert_same_metrics, run_cli, wait_for
 from train import train
 from training.checkpoint import list_checkpoints, load_model
 from training.runlog import read_metrics
@@ -159,7 +158,7 @@ def test_the_probe_of_a_transformers_checkpoint_evaluates_it_with_its_own_tokeni
     with torch.no_grad():
         theirs = F.cross_entropy(model(x).logits.flatten(0, 1), y.flatten(), ignore_index=-100).item()
     assert rows[0]["base_val_loss"] == pytest.approx(theirs, rel=1e-5)
-    assert (tmp_path / "probe" / "probe.png").stat().st_size > 0
+    assert_plotted(tmp_path / "probe" / "probe.png")
 
 
 def test_diagnostics_of_a_transformers_checkpoint(tmp_path, monkeypatch, source):
@@ -170,7 +169,7 @@ def test_diagnostics_of_a_transformers_checkpoint(tmp_path, monkeypatch, source)
     rows = [json.loads(line) for line in (tmp_path / "out" / "diagnostics.jsonl").read_text().splitlines()]
     assert len(rows) == 1 and rows[0]["sites"][:4] == ["block0.attn", "block0.q", "block0.k", "block0.mlp"]
     assert len(rows[0]["attn_entropy"]) == 2 and all(np.isfinite(rows[0]["input_rms"]))
-    assert (tmp_path / "out" / "diagnostics.png").stat().st_size > 0
+    assert_plotted(tmp_path / "out" / "diagnostics.png", (1320, 512))
 
 
 def test_the_recentering_predictor_runs_on_a_transformers_checkpoint(source, tmp_path, monkeypatch):
@@ -187,8 +186,8 @@ def test_the_recentering_predictor_runs_on_a_transformers_checkpoint(source, tmp
         assert r["norm"] == "LayerNorm" and r["recenters"] is True and r["delta"] == probe_rows[r["site"]]["delta"]
         assert r["needs"] == (probe_rows[r["site"]]["decision"] == "above")  # one model: its probe's decisions
         assert 0 <= r["mean_share"] <= 1 and r["input_rms"] > 0
-    assert report["n_runs"] == 1 and (out / "recentering.png").stat().st_size > 0
-    assert report["needs_rule"].startswith("decided above")
+    assert report["n_runs"] == 1 and report["needs_rule"].startswith("decided above")
+    assert_plotted(out / "recentering.png")
 
 
 def test_sampling_a_transformers_checkpoint_is_its_greedy_continuation(source):

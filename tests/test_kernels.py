@@ -259,7 +259,7 @@ def test_gpt_with_fused_add_norm_compiles_as_one_graph(small_model_config):
     (lambda: (torch.randn(2, 16), torch.ones(32)), r"weight shape \(32,\) must be \(16,\)"),  # would be cut silently
     (lambda: (torch.ones(2, 16, dtype=torch.int32), None), "x must be a floating-point tensor"),  # would give integers
     (lambda: (torch.randn(2, 16), torch.ones(16, device="meta")), "weight is on meta but x is on"),
-    (lambda: (torch.randn(3, 0), None), r"x must have at least one feature, got shape \(3, 0\)"),  # was a reshape error
+    (lambda: (torch.randn(3, 0), None), r"x must have at least one feature, got shape \(3, 0\)"),  # named, not a reshape error
 ])
 def test_bad_inputs_are_refused_in_one_line(op, make, message):
     x, w = make()

@@ -3,21 +3,16 @@ uneven evaluation, diagnostics and kill -9 resume; and a run folder that a proce
 import os
 import signal
 import subprocess
-import sys
 
 import pytest
 
 from training.checkpoint import list_checkpoints
-from repo import ROOT, assert_same_metrics, wait_for
+from repo import ROOT, accelerate_command, accelerate_launch, assert_same_metrics, wait_for
 from training.runlog import read_diagnostics, read_metrics as metrics
 
 pytestmark = pytest.mark.slow
 
-LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines=1", "--mixed_precision=no",
-          "--dynamo_backend=no", "--num_processes=2"]
-MODES = {"ddp": ["--multi_gpu"],
-         "fsdp": ["--use_fsdp", "--fsdp_version=2", "--fsdp_auto_wrap_policy=TRANSFORMER_BASED_WRAP",
-                  "--fsdp_transformer_layer_cls_to_wrap=Block", "--fsdp_state_dict_type=SHARDED_STATE_DICT"]}
+MODES = ["ddp", "fsdp"]
 
 
 def run_args(out_dir, cache):
@@ -28,8 +23,7 @@ def run_args(out_dir, cache):
 
 
 def launch(mode, *args, script="train.py", env=None):
-    return subprocess.run(LAUNCH + MODES[mode] + [script, *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, **(env or {})})
+    return accelerate_launch(script, *args, mode=mode, env_overrides=env)
 
 
 @pytest.fixture(scope="module")
@@ -68,12 +62,12 @@ def test_a_resume_that_changes_the_sharding_is_one_line(references, shared_cache
     assert sorted(p for p in fsdp.rglob("*") if p.is_file() and p.name != "run.lock") == before
 
 
-@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("mode", MODES)
 def test_kill_9_of_two_processes_then_resume_is_exact(mode, references, tmp_path, shared_cache):
     reference, _ = references[mode]
     out_dir = tmp_path / "killed"
     # its own session, so that one killpg takes the launcher and both workers
-    proc = subprocess.Popen(LAUNCH + MODES[mode] + ["tests/slow_train.py", *run_args(out_dir, shared_cache)],
+    proc = subprocess.Popen(accelerate_command("tests/slow_train.py", *run_args(out_dir, shared_cache), mode=mode),
                             cwd=ROOT, env={**os.environ, "TEST_STEP_DELAY": "0.05"}, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     wait_for(lambda: list_checkpoints(out_dir) and any(r["step"] >= 15 for r in metrics(out_dir)), proc, timeout=240)

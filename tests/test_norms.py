@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from config import UserError
+from model import GPT
 from model.norms import NORMS, check_model_config, make_norm, parse_block_norms, resolve_norm_stack
 from norm_checks import rms_norm_fp64
 
@@ -127,4 +128,7 @@ def test_fused_add_norm_config_is_checked_where_the_registry_lives(small_model_c
         check_model_config(small_model_config(norm="layernorm", fused_add_norm=True))
     with pytest.raises(UserError, match="norm_position is 'post'"):
         check_model_config(small_model_config(norm="rmsnorm", norm_position="post", fused_add_norm=True))
-    check_model_config(small_model_config(norm="rmsnorm", final_norm="layernorm", fused_add_norm=True))  # the final norm may differ
+    # the final norm may differ; the stack's log says its add runs unfused
+    mixed = small_model_config(norm="rmsnorm", final_norm="layernorm", fused_add_norm=True)
+    assert "except before the final norm (layernorm: no fused kernel)" in GPT(check_model_config(mixed)).describe_norms()
+    assert "except" not in GPT(small_model_config(norm="rmsnorm", fused_add_norm=True)).describe_norms()

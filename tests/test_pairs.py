@@ -65,7 +65,7 @@ def test_a_folder_without_pairs_is_one_line(tmp_path):
 
 
 def test_the_command_line_takes_help_and_a_folder(tmp_path, monkeypatch, capsys):
-    """`analyze.py pairs --help` prints usage (it once read "--help" as the folder's name)."""
+    """`analyze.py pairs --help` prints usage rather than taking "--help" for the folder."""
     import sys
     import analyze
     monkeypatch.setattr(sys, "argv", ["analyze.py", "pairs", "--help"])

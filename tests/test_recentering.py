@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from config import UserError
-from repo import ROOT, run_cli
+from repo import ROOT, assert_plotted, run_cli
 from study import recentering
 
 
@@ -40,7 +40,9 @@ def test_threshold_fitted_on_half_the_seeds_is_scored_on_the_others():
     # sites with statistic > 0.5 need re-centering (|Δ| = 0.05), the others do not (|Δ| = 1e-4)
     values = records(4, 6, lambda k, s: 0.05 if s >= 3 else 1e-4, lambda k, s: 0.9 if s >= 3 else 0.1 + 0.01 * k)
     h = recentering.held_out(values, "mean_share", recentering.DELTA_THRESHOLD)
-    assert h["split"] == "seeds [0, 2] vs [1, 3]" and len(h["folds"]) == 2
+    assert h["split"] == "seeds [0, 2] vs seeds [1, 3]" and len(h["folds"]) == 2
+    # each fold names its own direction: recentering.md labels its two rows with them
+    assert [(f["fitted_on"], f["tested_on"]) for f in h["folds"]] == [("seeds [0, 2]", "seeds [1, 3]"), ("seeds [1, 3]", "seeds [0, 2]")]
     for fold in h["folds"]:
         assert fold["n_fit"] == fold["n_test"] == 12 and fold["positives_test"] == 6
         assert fold["accuracy"] == 1.0 and fold["balanced_accuracy"] == 1.0 and 0.13 < fold["threshold"] <= 0.9
@@ -79,7 +81,8 @@ def test_recentering_on_a_tiny_comparison(tmp_path, shared_cache):
     pooled = {c["statistic"]: c for c in saved["correlations"]["all sites"]}
     assert set(pooled) == set(recentering.STATISTICS) and all(c["n_runs"] == 4 for c in pooled.values())
     text = (folder / "recentering.md").read_text()
-    assert "Spearman" in text and "Held-out check" in text and (folder / "recentering.png").stat().st_size > 0
+    assert "Spearman" in text and "Held-out check" in text
+    assert_plotted(folder / "recentering.png", (1296, 324))
     # one run dir is a comparison of one run; the CLI prints its report
     run = folder / "runs" / "layernorm" / "seed1"
     cli = run_cli("analyze.py", "recentering", str(run))

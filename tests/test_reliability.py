@@ -19,7 +19,7 @@ from training.checkpoint import list_checkpoints, load_model
 from training.runlog import read_diagnostics, read_metrics as metrics
 from config import UserError
 from train import TrainingDiverged, train
-from repo import ROOT, assert_same_metrics, tiny_run_config, wait_for
+from repo import ROOT, accelerate_launch, assert_same_metrics, tiny_run_config, wait_for
 
 pytestmark = pytest.mark.slow  # every test here trains or starts subprocesses
 
@@ -268,11 +268,7 @@ def test_too_many_non_finite_steps_stop_the_run_and_keep_the_good_checkpoint(tin
 
 
 def launch(n_processes, *args):
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines=1", "--mixed_precision=no",
-           "--dynamo_backend=no"]
-    cmd += ["--multi_gpu", f"--num_processes={n_processes}"] if n_processes > 1 else ["--num_processes=1"]
-    proc = subprocess.run(cmd + ["train.py", "configs/tiny.toml", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
+    proc = accelerate_launch("train.py", "configs/tiny.toml", *args, processes=n_processes)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 

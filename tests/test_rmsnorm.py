@@ -267,7 +267,7 @@ def test_both_paths_compile_as_one_graph(monkeypatch, use_kernel):
     (torch.randn(2, 16), torch.ones(16, dtype=torch.int64), None, "weight must be a floating-point tensor"),
     (torch.randn(2, 16), torch.ones(16, device="meta"), None, "weight is on meta but x is on cpu"),
     (torch.tensor(1.0), None, None, "0-dim"),
-    (torch.randn(3, 0), None, None, r"x must have at least one feature, got shape \(3, 0\)"),  # was a reshape error
+    (torch.randn(3, 0), None, None, r"x must have at least one feature, got shape \(3, 0\)"),  # named, not a reshape error
     (torch.randn(2, 16), None, 17, r"stats_features must be in \[1, 16\], got 17"),
     (torch.randn(2, 16), None, 0, r"stats_features must be in \[1, 16\], got 0"),
 ])

@@ -1,6 +1,7 @@
 """Sweeps in a comparison: the grid, min_lr following learning_rate, LR sensitivity on hand-made results
 (a diverged run counted as its initial loss), and a tiny swept comparison end to end with one run that
 diverges."""
+import csv
 import json
 import math
 from types import SimpleNamespace
@@ -11,7 +12,7 @@ import compare
 from study import sweeps
 import train as train_module
 from config import UserError
-from repo import write_comparison
+from repo import assert_plotted, write_comparison
 
 
 def test_grid_crosses_variants_values_and_seeds(tmp_path, shared_cache):
@@ -118,8 +119,12 @@ def test_swept_comparison_end_to_end_with_a_diverged_run(tmp_path, shared_cache,
     assert [r["status"] for r in rows] == ["ok", "diverged", "ok", "diverged"]
     assert all(r["initial_val_loss"] > 5 for r in rows)
     out = tmp_path / "out"
-    for name in ["loss_vs_learning_rate.png", "sweep.json", "summary.md", "diagnostics_qk_learning_rate_0.01.png"]:
+    with open(out / "results.csv") as f:  # each row's swept value has a column of its own
+        assert [row["sweep_value"] for row in csv.DictReader(f)] == ["0.01", "0.1", "0.01", "0.1"]
+    for name in ["sweep.json", "summary.md"]:
         assert (out / name).stat().st_size > 0, name
+    assert_plotted(out / "loss_vs_learning_rate.png", (640, 420))
+    assert_plotted(out / "diagnostics_qk_learning_rate_0.01.png", (1320, 512))
     summary = json.loads((out / "sweep.json").read_text())
     assert [s["variant"] for s in summary] == ["layernorm", "qk"] and all(s["n_diverged"] == 1 for s in summary)
     text = (out / "summary.md").read_text()

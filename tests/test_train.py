@@ -7,11 +7,12 @@ import pytest
 from safetensors.torch import load_file
 
 from training.checkpoint import list_checkpoints, load_model
+from training.metrics import METRICS, RESULT_KEYS
 from training.runlog import read_metrics as metrics
 from config import UserError
 from sample import generate_samples, parse_args
 from train import learning_rate, train
-from repo import ROOT, run_cli, tiny_run_config
+from repo import ROOT, assert_plotted, run_cli, tiny_run_config
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +36,35 @@ def test_tiny_run_learns_and_records_metrics(tiny_run):
     # the tokenizer the run trained with, as its checkpoint records it (a comparison ranks by it)
     meta = json.loads(next((Path(config.out_dir) / "checkpoints").glob("*/meta.json")).read_text())
     assert len(result["tokenizer_hash"]) == 64 and result["tokenizer_hash"] == meta["tokenizer_hash"]
+    assert set(RESULT_KEYS) <= set(result)  # compare.py copies these into its rows
+    assert {k for r in rows for k in r} <= {"step", *METRICS}
+
+
+@pytest.mark.slow
+def test_run_folder_holds_its_curves_and_its_log(tiny_run):
+    config, _ = tiny_run
+    run_dir = Path(config.out_dir)
+    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoints", "config.json", "curves.png", "metrics.jsonl",
+                                                         "run.lock", "tokenizer.json", "train.log"]
+    assert_plotted(run_dir / "curves.png", size=(640, 500))
+    log = (run_dir / "train.log").read_text()
+    assert log.startswith("--- ") and "norm stack (pre-norm" in log and "parameters: " in log
+    assert "done: step 40, val loss" in log.splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_a_resume_appends_to_the_log_and_redraws_the_curves(tiny_config):
+    config = tiny_config(max_steps=10, eval_interval=10)
+    train(config, log=lambda *_: None)
+    curves = Path(config.out_dir) / "curves.png"
+    first = curves.read_bytes()
+    import dataclasses
+    train(dataclasses.replace(config, max_steps=20), resume=True, log=lambda *_: None)
+    lines = (Path(config.out_dir) / "train.log").read_text().splitlines()
+    assert sum(line.startswith("--- ") for line in lines) == 2
+    assert "done: step 10" in "\n".join(lines) and "resumed from" in "\n".join(lines) and "done: step 20" in lines[-1]
+    assert curves.read_bytes() != first
+    assert_plotted(curves, size=(640, 500))
 
 
 @pytest.mark.slow
@@ -54,7 +84,10 @@ def test_sampling_from_the_run_is_seeded(tiny_run, capsys):
     config, _ = tiny_run
     args = parse_args([config.out_dir, "--prompt", "def", "--num_samples", "2", "--max_new_tokens", "20"])
     first = generate_samples(args)
-    streamed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    streamed = captured.out
+    # stderr names the checkpoint it loaded; stdout is the text alone
+    assert captured.err == f"loaded checkpoint {Path(config.out_dir) / 'checkpoints' / 'step_0000040'} (step 40)\n"
     assert len(first) == 2 and all(s.startswith("def") for s in first)
     assert first[0] in streamed  # what was streamed is the sample
     assert generate_samples(args) == first

@@ -5,6 +5,9 @@
     tokenizer.json     the tokenizer the run's tokens come from
     metrics.jsonl      one line per log step: losses, lr, tokens, time
     diagnostics.jsonl  one line per eval when config.diagnostics is on (model/diagnostics.py)
+    curves.png         train and val loss and the learning rate against step, redrawn at each eval (curves.py)
+    train.log          what train.py printed (the norm stack, parameters, resumes, the summary); a
+                       resume appends to it
 
 The logs are appended a line at a time while training. A resume cuts them back to its checkpoint's
 step by writing the kept lines to a new file and renaming it over the old one, so at every instant
@@ -16,17 +19,19 @@ lock when its process dies, so a killed run never leaves a stale lock behind.
 """
 import json
 import os
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
 from config import UserError, save_config
+from training.curves import CURVES, plot_run_curves
 
 try:
     import fcntl  # POSIX only; elsewhere run folders are not locked
 except ImportError:
     fcntl = None
 
-METRICS, DIAGNOSTICS = "metrics.jsonl", "diagnostics.jsonl"
+METRICS, DIAGNOSTICS, LOG = "metrics.jsonl", "diagnostics.jsonl", "train.log"
 
 
 def write_atomic(path, text):
@@ -135,9 +140,38 @@ class RunLog:
 
     def metrics(self, entry):
         self._append(METRICS, entry)
+        if entry.get("val_loss") is not None:  # at each eval
+            plot_run_curves(read_metrics(self.run_dir), self.run_dir / CURVES, str(self.run_dir))
 
     def diagnostics(self, entry):
         self._append(DIAGNOSTICS, entry)
+
+
+def append_log(run_dir, message):
+    """One line onto run_dir/train.log, opened and closed each time: a kill loses nothing written before."""
+    with open(Path(run_dir) / LOG, "a") as f:
+        f.write(f"{message}\n")
+
+
+class SavedLog:
+    """`log`, each message also kept in run_dir/train.log. Messages wait in memory until keep(): a start
+    that is refused (a resume that may not change a key, a damaged checkpoint) leaves the file as it was."""
+
+    def __init__(self, run_dir, log):
+        self.run_dir, self.log = run_dir, log
+        self.pending = [f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} train.py, pid {os.getpid()}"]
+
+    def __call__(self, message):
+        self.log(message)
+        if self.pending is None:
+            append_log(self.run_dir, message)
+        else:
+            self.pending.append(message)
+
+    def keep(self):
+        for message in self.pending or []:
+            append_log(self.run_dir, message)
+        self.pending = None
 
 
 def read_jsonl(path):

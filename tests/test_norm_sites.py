@@ -1,5 +1,5 @@
-"""The norm sites and types of the stability frontier: QK-norm, peri/output positions per block, DyT,
-z-loss; each against a hand-computed reference, with the KV cache, with resume, and bad values refused."""
+"""The norm sites beyond the pre-norm pair (QK-norm, peri/output positions per block), DyT and z-loss:
+each against a hand-computed reference, with the KV cache, with resume, and bad values refused."""
 import json
 import math
 
@@ -62,8 +62,16 @@ def test_dyt_llama_recipe_attention_alpha_and_embedding_scale(small_model_config
     assert any(p is model.embed_scale for p in plain["params"])
     assert not any(p is model.embed_scale for p in decayed["params"])
     text = model.describe_norms()
-    assert "dyt: alpha initialised to 0.2, 0.8 at the attention norms" in text
+    assert "dyt: alpha initialised to 0.2\n  dyt_alpha_attn: alpha initialised to 0.8 at the attention input norm " \
+           "(ln_1) of 2 of 2 blocks\n" in text
     assert "embed: times a learned scalar, initialised to 50" in text
+    # where it cannot reach, the stack's log says so: q/k and attention output norms keep dyt_alpha
+    peri = GPT(small_model_config(norm="dyt", dyt_alpha_attn=0.8, qk_norm="dyt", block_positions="output,peri"))
+    assert peri.transformer.h[1].ln_1.alpha.item() == pytest.approx(0.8)
+    assert peri.transformer.h[1].ln_1_out.alpha.item() == pytest.approx(0.5)
+    assert "(ln_1) of 1 of 2 blocks; the q/k and attention output norms keep dyt_alpha\n" in peri.describe_norms()
+    unused = GPT(small_model_config(norm="rmsnorm", dyt_alpha_attn=0.8)).describe_norms()
+    assert "of 0 of 2 blocks (no ln_1 is dyt here: it changes nothing)" in unused
     default = GPT(small_model_config(norm="dyt", dyt_alpha=0.3))
     assert default.transformer.h[0].ln_1.alpha.item() == pytest.approx(0.3) and not hasattr(default, "embed_scale")
 
