@@ -158,15 +158,20 @@ class GPT(nn.Module):
             lines.insert(1, f"  embed: times a learned scalar, initialised to {c.embed_scale:g}")
         if "derf" in used:
             lines.append(f"  derf: alpha initialised to {c.derf_alpha}, shift to 0")
-        lines.append(f"  model: positions {c.pos_emb}" + (f" (theta {c.rope_theta:g})" if c.pos_emb == "rope" else "")
-                     + f", mlp {c.mlp} (hidden {mlp_hidden_size(c)}), heads {c.n_head}"
-                     + (f" (kv {c.n_kv_head})" if c.n_kv_head and c.n_kv_head != c.n_head else "")
-                     + f", head {'tied' if c.tie_embeddings else 'untied'}"
-                     + (f", logit soft-cap {c.logit_softcap:g}" if c.logit_softcap else "")
-                     + (", LayerNorm Scaling 1/sqrt(layer)" if c.norm_scaling == "layer" else ""))
+        lines.append(self.describe_model())
         if c.z_loss:
             lines.append(f"  z_loss: {c.z_loss:g} * mean(log Z^2) added to the training loss")
         return "\n".join(lines)
+
+    def describe_model(self):
+        """The log line of what is not a norm: positions, MLP, heads, output head."""
+        c = self.config
+        return (f"  model: positions {c.pos_emb}" + (f" (theta {c.rope_theta:g})" if c.pos_emb == "rope" else "")
+                + f", mlp {c.mlp} (hidden {mlp_hidden_size(c)}), heads {c.n_head}"
+                + (f" (kv {c.n_kv_head})" if c.n_kv_head and c.n_kv_head != c.n_head else "")
+                + f", head {'tied' if c.tie_embeddings else 'untied'}"
+                + (f", logit soft-cap {c.logit_softcap:g}" if c.logit_softcap else "")
+                + (", LayerNorm Scaling 1/sqrt(layer)" if c.norm_scaling == "layer" else ""))
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())  # tied weights are counted once
@@ -203,6 +208,10 @@ class GPT(nn.Module):
             return logits, None
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
+
+    def after_optimizer_step(self):
+        """Called by the trainer right after every optimizer step; the standard model has nothing to do
+        (the normalized one puts its weights back on the unit sphere: model/normalized.py)."""
 
     def optimizer_groups(self, weight_decay):
         """Weight decay on matrices (embeddings, linear weights) and on parameters a norm marks for it

@@ -56,6 +56,7 @@ class CausalSelfAttention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
         self.rotary = rotary
+        self.softmax_scale = None  # None: SDPA's 1/sqrt(head_dim); nGPT's unit-norm q and k use sqrt(head_dim)
 
     def project(self, x, past=0):
         """(q, k, v) of x at positions past.., each (B, heads, T, head_dim): QK-normed, then rotated
@@ -101,7 +102,8 @@ class CausalSelfAttention(nn.Module):
             rows = torch.arange(T, device=x.device)[:, None] + past
             mask, causal = torch.arange(past + T, device=x.device)[None, :] <= rows, False
         y = F.scaled_dot_product_attention(q, self.expand_kv(k), self.expand_kv(v), attn_mask=mask,
-                                           is_causal=causal, dropout_p=self.dropout if self.training else 0.0)
+                                           is_causal=causal, dropout_p=self.dropout if self.training else 0.0,
+                                           scale=self.softmax_scale)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
