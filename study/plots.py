@@ -74,7 +74,8 @@ def plot_diagnostics(rows, path, title=""):
         ax.set_axis_off()
     steps = [r["step"] for r in rows]
     for ax, (key, label, kind) in zip(axes.flat, HEATMAPS):
-        present = [r for r in rows if r.get(key) is not None]  # grad_norm is null before the first step
+        # grad_norm is null before the first step; nGPT has no norm sites (empty lists)
+        present = [r for r in rows if r.get(key) is not None and np.size(r[key])]
         if not present:
             ax.set_axis_off()
             continue

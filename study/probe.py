@@ -22,7 +22,7 @@ from data.prepare import prepare_data
 from kernels.rmsnorm import rms_norm
 from data.batches import diagnostics_batch
 from model.diagnostics import SITE_SLOTS, collect, norm_sites, site_slot
-from model.norms import LayerNorm, upcast
+from model.norms import LayerNorm, refuse_normalized, upcast
 from study import plots
 from training.checkpoint import load_model
 from training.evaluation import evaluate
@@ -136,6 +136,7 @@ def run_probe(run_dir, log=print):
 def probe_model(model, config, out_dir, name, log=print):
     """The probe of a loaded model on config's validation windows -> out_dir/probe.md, probe.json, probe.png
     (analyze.py: a run's checkpoint, or a transformers checkpoint loaded by hf.load_pretrained)."""
+    refuse_normalized(config, "the re-centering probe (it flips each norm site's re-centering)")
     out_dir = Path(out_dir)
     accelerator = Accelerator(cpu=config.device == "cpu")
     model.to(accelerator.device)
