@@ -282,3 +282,22 @@ def test_fsdp2_renormalizes_across_shards_as_one_process_does(reference, tmp_pat
     assert_same_metrics(read_metrics(runs["ddp"]), read_metrics(runs["fsdp"]), tol=1e-4)
     model, config, _ = load_model(runs["fsdp"])
     assert_unit(model, torch.randint(0, config.vocab_size, (2, config.block_size)))
+
+
+@pytest.mark.slow
+def test_it_trains_compiled_in_bf16_and_samples_with_the_kv_cache(tiny_config):
+    from train import train
+    result = train(tiny_config(**NGPT, max_steps=6, eval_interval=6, log_interval=2, compile=True,
+                               mixed_precision="bf16", learning_rate=0.05, warmup_steps=0), log=lambda *_: None)
+    metrics = read_metrics(result["run_dir"])
+    assert result["steps"] == 6 and all(math.isfinite(m["train_loss"]) for m in metrics[1:])
+    assert metrics[-1]["val_loss"] < metrics[0]["val_loss"]
+    model, config, _ = load_model(result["run_dir"])
+    assert_unit(model, torch.randint(0, config.vocab_size, (2, config.block_size)))  # the renormalization ran
+    texts = []
+    for flags in ([], ["--no_cache"]):  # sample.py, greedy: the same text with and without the KV cache
+        proc = subprocess.run([sys.executable, "sample.py", result["run_dir"], "--max_new_tokens=40", "--temperature=0",
+                               "--seed=1", *flags], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        texts.append(proc.stdout)
+    assert texts[0] == texts[1] and texts[0].strip()
