@@ -15,7 +15,7 @@ from config import Config, UserError, apply_overrides
 from model import NormalizedGPT, make_model
 from model.norms import check_model_config
 from repo import ROOT, assert_same_metrics, tiny_run_config, wait_for
-from training.checkpoint import ARCHITECTURE_KEYS, list_checkpoints, load_model
+from training.checkpoint import list_checkpoints, load_model
 from training.runlog import read_diagnostics, read_metrics
 
 NGPT = dict(block_type="normalized", pos_emb="rope", mlp="swiglu")
@@ -211,8 +211,15 @@ def test_the_probe_conversion_and_export_are_refused(ngpt_config, tmp_path):
     assert not any(tmp_path.iterdir())
 
 
-def test_a_resume_cannot_change_the_block_type():
-    assert "block_type" in ARCHITECTURE_KEYS
+def test_a_resume_cannot_change_the_block_type(ngpt_config, tmp_path):
+    import json
+    from config import save_config
+    from training.checkpoint import check_resumable
+    save_config(ngpt_config(), tmp_path / "config.json")
+    (tmp_path / "meta.json").write_text(json.dumps({"tokenizer_hash": "h", "num_processes": 1}))
+    standard = dataclasses.replace(ngpt_config(), block_type="standard")
+    with pytest.raises(UserError, match="block_type "):
+        check_resumable(tmp_path, standard, "h", 1)
 
 
 # --- through the trainer ----------------------------------------------------------------------------
