@@ -89,6 +89,8 @@ class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = check_model_config(config)
+        if config.block_type != "standard":  # a GPT would silently be the standard model
+            raise ValueError(f"GPT builds block_type 'standard', not {config.block_type!r}; use model.make_model")
         block_norms, final_norm = resolve_norm_stack(config)
         positions = resolve_block_positions(config)
         self.norm_stack = block_norms, final_norm, positions
