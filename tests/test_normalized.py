@@ -222,6 +222,19 @@ def test_a_resume_cannot_change_the_block_type(ngpt_config, tmp_path):
         check_resumable(tmp_path, standard, "h", 1)
 
 
+def test_a_comparison_sweeps_an_ngpt_variant(tmp_path):
+    import compare
+    (tmp_path / "c.toml").write_text("\n".join([
+        f'base_config = "{ROOT / "configs" / "tiny.toml"}"', f'out_dir = "{tmp_path / "out"}"', "seeds = [1]",
+        'baseline = "rmsnorm"', "target_val_loss = 5.0", "[sweep]", "learning_rate = [0.01, 0.03]",
+        "[variants.rmsnorm]", 'norm = "rmsnorm"', "[variants.ngpt]", 'block_type = "normalized"', 'pos_emb = "rope"',
+        'mlp = "swiglu"', "warmup_steps = 0"]))
+    comparison = compare.load_comparison(tmp_path / "c.toml")
+    ngpt = {label: config for label, _, config in comparison.runs if config.block_type == "normalized"}
+    assert sorted(ngpt) == ["ngpt@learning_rate=0.01", "ngpt@learning_rate=0.03"]
+    assert [c.min_lr / c.learning_rate for c in ngpt.values()] == pytest.approx([0.1, 0.1])  # tiny.toml's ratio
+
+
 # --- through the trainer ----------------------------------------------------------------------------
 
 def ngpt_run_args(out_dir, cache):
