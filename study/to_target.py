@@ -12,8 +12,9 @@ target: the mean over seeds of the baseline variant's final val loss (the compar
   - a run that never reaches the target is counted ("2/4 reached"), never dropped; the mean and its
     CI are over the runs that reached it, and say so;
   - the final val loss at equal steps (every run trains max_steps), mean and CI;
-  - speedup in steps: the baseline's steps (max_steps: it reaches its own final loss at the end, by
-    construction of the target) over each seed's steps to target.
+  - speedup in steps: the baseline's steps over each seed's steps to target; the baseline's steps are
+    its full run (it reaches its own final loss at the end, by construction of the target), or with
+    --target the mean steps of the baseline's seeds that reached it.
 CIs are 95 % Student t intervals over seeds (mean ± t * s / sqrt(n)); none for a single seed.
 Outputs in the comparison folder: to_target.md (also printed), to_target.json, to_target_vs_step.png and
 to_target_vs_time.png (the mean curves, with the target line).
@@ -56,6 +57,9 @@ def to_target(runs, baseline, target=None):
         raise UserError(f"baseline {baseline!r} has no finished run; variants: {', '.join(runs)}")
     if target is None:
         target = float(np.mean([final_eval(m)["val_loss"] for m in runs[baseline]]))
+        reference_steps = max(final_eval(m)["step"] for m in runs[baseline])
+    else:
+        reference_steps = mean_ci([first_reaching(m, target)[0] for m in runs[baseline]])[0]
     entries = []
     for variant, seeds in runs.items():
         hits = [first_reaching(m, target) for m in seeds]
@@ -65,7 +69,7 @@ def to_target(runs, baseline, target=None):
         entries.append({
             "variant": variant, "n": len(seeds), "n_reached": len(steps),
             "steps_to_target": mean_ci(steps), "seconds_to_target": mean_ci(seconds),
-            "speedup_steps": mean_ci([total / s for s, total in zip([h[0] for h in hits], max_steps) if s]),
+            "speedup_steps": mean_ci([reference_steps / s for s, _ in hits if s and reference_steps]),
             "final_val_loss": mean_ci([final_eval(m)["val_loss"] for m in seeds]),
             "final_step": max(max_steps), "training_seconds": mean_ci([final_eval(m)["elapsed_s"] for m in seeds]),
             "per_seed": [{"steps": s, "seconds": t} for s, t in hits]})
@@ -79,8 +83,9 @@ def fmt(mean_and_ci, spec):
     return format(mean, spec) + ("" if ci is None else f" ± {format(ci, spec)}")
 
 
-def table(target, entries, baseline):
-    lines = [f"Target: {target:.4f} nats/token, the mean final val loss of {baseline}. ± is a 95 % t interval over seeds.",
+def table(target, entries, baseline, fixed=False):
+    source = f"fixed (--target); speedups against {baseline}" if fixed else f"the mean final val loss of {baseline}"
+    lines = [f"Target: {target:.4f} nats/token, {source}. ± is a 95 % t interval over seeds.",
              "",
              "| variant | reached | steps to target | seconds to target | speedup in steps | final val loss "
              "(step {}) | training s (all steps) |".format(entries[0]["final_step"]),
@@ -113,8 +118,9 @@ def run_to_target(folder, baseline=None, target=None, log=print):
         baseline = next((e["variant"] for e in summary if e.get("verdict") == "baseline"), None)
         if baseline is None:
             raise UserError(f"{str(folder)!r}: no summary.json names a baseline; give --baseline VARIANT")
+    fixed = target is not None
     target, entries = to_target(runs, baseline, target)
-    text = f"# Steps and seconds to target: {folder.name}\n\n{table(target, entries, baseline)}\n"
+    text = f"# Steps and seconds to target: {folder.name}\n\n{table(target, entries, baseline, fixed)}\n"
     (folder / "to_target.md").write_text(text + "\n![val loss vs step](to_target_vs_step.png)\n\n"
                                          "![val loss vs time](to_target_vs_time.png)\n")
     (folder / "to_target.json").write_text(json.dumps({"target": target, "baseline": baseline, "variants": entries},

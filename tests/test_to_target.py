@@ -68,6 +68,10 @@ def test_a_comparison_folder_gives_the_table_and_the_curves(tmp_path):
     _, fixed = run_to_target(tmp_path, baseline="slow", target=3.75, log=lambda *_: None)
     assert [e["n_reached"] for e in fixed] == [0, 1, 0]
     assert "| base | never |" in (tmp_path / "to_target.md").read_text()
+    assert "fixed (--target)" in (tmp_path / "to_target.md").read_text()
+    _, fixed = run_to_target(tmp_path, baseline="base", target=4.5, log=lambda *_: None)
+    # base reaches 4.5 at steps 20 and 30 (mean 25); fast at step 10 in both seeds: 2.5 each
+    assert fixed[1]["speedup_steps"] == pytest.approx((2.5, 0.0))
 
 
 def test_a_comparison_with_an_unfinished_run_is_refused(tmp_path):
