@@ -12,6 +12,8 @@
                                               do norm-input statistics predict the probe's Δ? (study/recentering.py)
     python analyze.py recentering gpt2 [--key=value ...]   the same for one pretrained model
     python analyze.py pairs <comparison dir>  each <x>_ln / <x>_rms pair, paired by seed (study/pairs.py)
+    python analyze.py to-target <comparison dir> [--baseline V] [--target LOSS]
+                                              steps and seconds to the baseline's final val loss (study/to_target.py)
 
 The probe (study/probe.py) flips ONE norm site at a time (LayerNorm loses its mean subtraction, any
 other norm gains one) and removes each QK-norm and output norm, then evaluates the fixed validation
@@ -39,7 +41,8 @@ SOURCE = "run dir, checkpoint, transformers folder, hub id, .gguf file or packag
 USAGE = (f"usage: python analyze.py probe|diagnostics <{SOURCE}> [probe options]  |  "
          f"python analyze.py convert <{SOURCE}> --to rmsnorm --out <new run dir>  |  "
          f"python analyze.py recentering <comparison dir or {SOURCE}> [--delta_threshold NATS] [--jobs N]  |  "
-         "python analyze.py pairs <comparison dir>")
+         "python analyze.py pairs <comparison dir>  |  "
+         "python analyze.py to-target <comparison dir> [--baseline VARIANT] [--target LOSS]")
 PRETRAINED_DEFAULTS = {"eval_windows": 8, "batch_size": 4}  # CPU-sized for a 100M+ model: GPT-2 124M in ~25-45 min
 
 
@@ -139,8 +142,20 @@ def pairs(argv):
     run_pairs(p.parse_args(argv).folder)
 
 
+def to_target(argv):
+    from study.to_target import run_to_target
+    p = ArgumentParser(prog="analyze.py to-target", hint="; " + USAGE)
+    p.add_argument("folder", help="a finished comparison's out_dir (compare.py)")
+    p.add_argument("--baseline", help="the variant whose mean final val loss is the target (default: the comparison's)")
+    p.add_argument("--target", type=float, help="a fixed target val loss instead")
+    args = p.parse_args(argv)
+    run_to_target(args.folder, args.baseline, args.target)
+
+
 def main():
     command, rest = (sys.argv[1], sys.argv[2:]) if len(sys.argv) > 1 else (None, [])
+    if command == "to-target":
+        return to_target(rest)
     if command in ("probe", "convert", "recentering", "pairs") and rest and not {"-h", "--help"} & set(rest):
         return {"probe": probe, "convert": convert, "recentering": recentering, "pairs": pairs}[command](rest)
     if command in ("-h", "--help") or any(a in ("-h", "--help") for a in rest):

@@ -43,6 +43,8 @@ RESUMABLE_TAGS = frozenset({"schedule", "housekeeping", "implementation"})
 @dataclass
 class Config:
     # --- model ---
+    block_type: str = key("standard", "model", help="'standard' (the norm-per-site block below) or 'normalized' "
+                          "(nGPT: hidden states and weight vectors on the unit sphere, no norm layers; model/normalized.py)")
     init_from: str = key("", "model", "tokenizer", help="start from a pretrained checkpoint (transformers folder, "
                          "hub id, .gguf file or packaged model): its architecture, tokenizer and weights; a config "
                          "may change only the context and the norms (hf/load.py)")
@@ -218,7 +220,8 @@ class Config:
                 raise UserError(f"trackers: {name!r} is not a tracker; choose from {', '.join(TRACKERS)}")
         choices = {"norm_position": ("pre", "post", "peri", "output"), "mixed_precision": ("no", "bf16", "fp16"),
                    "device": ("auto", "cpu"), "pos_emb": ("learned", "rope", "none"),
-                   "mlp": ("gelu", "gelu_tanh", "swiglu", "geglu_tanh", "relu2"), "norm_scaling": ("none", "layer")}
+                   "mlp": ("gelu", "gelu_tanh", "swiglu", "geglu_tanh", "relu2"), "norm_scaling": ("none", "layer"),
+                   "block_type": ("standard", "normalized")}
         for name, valid in choices.items():
             if getattr(self, name) not in valid:
                 raise UserError(f"{name} = {getattr(self, name)!r} is not valid; choose one of {', '.join(valid)}")

@@ -24,7 +24,7 @@ from config import (RESUMABLE_KEYS, UserError, apply_overrides, check_folder, co
 from data.batches import TrainBatches, diagnostics_batch
 from data.prepare import check_data_size, prepare_data
 from data.tokenizer import token_byte_lengths, window_start_token
-from model import GPT, check_model_config
+from model import check_model_config, make_model
 from model.diagnostics import Diagnostics
 from model.gpt import z_loss
 from training.checkpoint import (CONFIG, Counters, check_resumable, list_checkpoints, load_checkpoint,
@@ -100,6 +100,8 @@ def _train(config, resume, log, accelerator):
 
     # --- model, optimizer, and the state a checkpoint restores
     model, optimizer, schedule = build_model(config, accelerator, log, sharding, resume)
+    core = accelerator.unwrap_model(model)
+    core = getattr(core, "_orig_mod", core)  # the module itself, not a torch.compile wrapper
     batches = TrainBatches(train_tokens, config.block_size, config.batch_size, config.seed,
                            accelerator.process_index, accelerator.num_processes)
     counters = Counters()
@@ -154,6 +156,7 @@ def _train(config, resume, log, accelerator):
         if diagnostics is not None:  # the gradients as the optimizer sees them, before they are zeroed
             diagnostics.read_gradients(applied)
         non_finite.step(optimizer, finite, counters.step + 1)
+        core.after_optimizer_step()  # nGPT: its matrices back on the unit sphere, before any checkpoint
         optimizer.zero_grad(set_to_none=True)
         counters.step += 1
         counters.tokens_seen += tokens_per_step
@@ -220,7 +223,7 @@ def build_model(config, accelerator, log, sharding, resume=False):
     (FSDP shards each process's own copy; nothing broadcasts them), then draws from a random stream of
     its own: distinct dropout masks."""
     seed_everything(config.seed)
-    model = GPT(config)
+    model = make_model(config)
     if config.init_from and not resume:  # a fine-tune starts from the checkpoint's weights (a resume from its own)
         hf.load_init_weights(model, config, log)
     seed_everything(config.seed + accelerator.process_index)

@@ -12,6 +12,7 @@ import torch
 from tokenizers import Tokenizer
 
 from config import UserError, check_folder
+from model.norms import refuse_normalized
 from data.tokenizer import end_of_document
 from hf.families import CLASSES, export_family, export_state, hf_config_values
 from hf.load import require_transformers
@@ -32,6 +33,7 @@ def is_identity(key, config):
 @torch.no_grad()
 def to_transformers(model, config, eod_id, where="the model"):
     """(family, the transformers model holding model's weights, in fp32)."""
+    refuse_normalized(config, f"exporting {where} to transformers")
     transformers = require_transformers("exporting")
     kind = export_family(config, where)
     hf_config = getattr(transformers, CONFIG_CLASSES[kind])(**hf_config_values(kind, config, eod_id))

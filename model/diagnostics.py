@@ -117,14 +117,16 @@ def parse_site(name):
 
 
 def norm_sites(model):
-    """[(site name, norm module)] for every norm site of a GPT, in forward order."""
+    """[(site name, norm module)] for every norm site of a GPT, in forward order (none in nGPT, whose
+    only "norms" are the functional renormalizations of model/normalized.py; there resid_rms, the
+    blocks' outputs, reads 1/sqrt(n_embd): unit vectors)."""
     sites = [("embed", model.transformer.ln_e)] if "ln_e" in model.transformer else []
     for i, block in enumerate(model.transformer.h):
         for suffix, path in SITE_SLOTS:
             owner, attr = site_slot(block, path)
-            if getattr(owner, attr) is not None:
+            if getattr(owner, attr, None) is not None:
                 sites.append((site_name(i, suffix), getattr(owner, attr)))
-    return sites + [("final", model.transformer.ln_f)]
+    return sites + ([("final", model.transformer.ln_f)] if "ln_f" in model.transformer else [])
 
 
 def site_slot(block, path):

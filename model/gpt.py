@@ -98,6 +98,8 @@ class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = check_model_config(config)
+        if config.block_type != "standard":  # a GPT would silently be the standard model
+            raise ValueError(f"GPT builds block_type 'standard', not {config.block_type!r}; use model.make_model")
         block_norms, final_norm = resolve_norm_stack(config)
         positions = resolve_block_positions(config)
         self.norm_stack = block_norms, final_norm, positions
@@ -191,17 +193,7 @@ class GPT(nn.Module):
             lines.insert(1, f"  embed: times a learned scalar, initialised to {c.embed_scale:g}")
         if "derf" in used:
             lines.append(f"  derf: alpha initialised to {c.derf_alpha}, shift to 0")
-        lines.append(f"  model: positions {c.pos_emb}" + (f" (theta {c.rope_theta:g})" if c.pos_emb == "rope" else "")
-                     + f", mlp {c.mlp} (hidden {mlp_hidden_size(c)}), heads {c.n_head}"
-                     + (f" (kv {c.n_kv_head})" if c.n_kv_head and c.n_kv_head != c.n_head else "")
-                     + (f" of {c.head_dim}" if c.head_dim else "")
-                     + (f", softmax scale 1/sqrt({c.query_pre_attn_scalar:g})" if c.query_pre_attn_scalar else "")
-                     + (f", embedding times sqrt({c.n_embd})" if c.scale_embedding else "")
-                     + (f", local blocks {self.local_blocks()} (window {c.sliding_window}"
-                        + (f", theta {c.rope_local_theta:g})" if c.rope_local_theta else ")") if c.sliding_window else "")
-                     + f", head {'tied' if c.tie_embeddings else 'untied'}"
-                     + (f", logit soft-cap {c.logit_softcap:g}" if c.logit_softcap else "")
-                     + (", LayerNorm Scaling 1/sqrt(layer)" if c.norm_scaling == "layer" else ""))
+        lines.append(self.describe_model())
         if c.z_loss:
             lines.append(f"  z_loss: {c.z_loss:g} * mean(log Z^2) added to the training loss")
         return "\n".join(lines)
@@ -209,6 +201,21 @@ class GPT(nn.Module):
     def local_blocks(self):
         local = [i for i, block in enumerate(self.transformer.h) if block.attn.window]
         return "all" if len(local) == len(self.transformer.h) else ",".join(map(str, local)) or "none"
+
+    def describe_model(self):
+        """The log line of what is not a norm: positions, MLP, heads, output head."""
+        c = self.config
+        return (f"  model: positions {c.pos_emb}" + (f" (theta {c.rope_theta:g})" if c.pos_emb == "rope" else "")
+                + f", mlp {c.mlp} (hidden {mlp_hidden_size(c)}), heads {c.n_head}"
+                + (f" (kv {c.n_kv_head})" if c.n_kv_head and c.n_kv_head != c.n_head else "")
+                + (f" of {c.head_dim}" if c.head_dim else "")
+                + (f", softmax scale 1/sqrt({c.query_pre_attn_scalar:g})" if c.query_pre_attn_scalar else "")
+                + (f", embedding times sqrt({c.n_embd})" if c.scale_embedding else "")
+                + (f", local blocks {self.local_blocks()} (window {c.sliding_window}"
+                   + (f", theta {c.rope_local_theta:g})" if c.rope_local_theta else ")") if c.sliding_window else "")
+                + f", head {'tied' if c.tie_embeddings else 'untied'}"
+                + (f", logit soft-cap {c.logit_softcap:g}" if c.logit_softcap else "")
+                + (", LayerNorm Scaling 1/sqrt(layer)" if c.norm_scaling == "layer" else ""))
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())  # tied weights are counted once
@@ -279,6 +286,10 @@ class GPT(nn.Module):
         nats = [F.cross_entropy(self.output_logits(h[i:i + chunk]).float(), flat[i:i + chunk], reduction="none")
                 for i in range(0, flat.numel(), chunk)]
         return torch.cat(nats).view(targets.shape)
+
+    def after_optimizer_step(self):
+        """Called by the trainer right after every optimizer step; the standard model has nothing to do
+        (the normalized one puts its weights back on the unit sphere: model/normalized.py)."""
 
     def optimizer_groups(self, weight_decay):
         """Weight decay on matrices (embeddings, linear weights) and on parameters a norm marks for it

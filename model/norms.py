@@ -327,6 +327,8 @@ def norm_names_used(config, blocks, final):
 def check_model_config(config):
     """The checks of a config that need the registry (config.py imports no project module). Call it
     before any data is prepared, so that a bad norm stack fails in the first second."""
+    if config.block_type == "normalized":
+        return check_normalized(config)
     blocks, final = resolve_norm_stack(config)
     positions = resolve_block_positions(config)
     resolve_block_attention(config)  # not a norm, but per block as positions are: a bad entry fails here too
@@ -355,3 +357,33 @@ def check_model_config(config):
             why = where if not_pre else f"blocks use {', '.join(other)}"
             raise UserError(f"fused_add_norm needs pre-norm blocks whose norms are all rmsnorm or triton_rmsnorm; {why}")
     return config
+
+
+# keys of the standard block that nGPT has no place for: it has no norm layer and no norm position
+NOT_NORMALIZED = ("norm", "attn_norm", "mlp_norm", "final_norm", "block_norms", "norm_position", "block_positions",
+                  "output_norm", "qk_norm", "embed_norm", "embed_scale", "norm_scaling", "fused_add_norm",
+                  "norm_gain", "dyt_alpha", "dyt_alpha_attn", "derf_alpha", "prms_fraction", "logit_softcap",
+                  "bias", "init_from")
+
+
+def check_normalized(config):
+    """block_type = "normalized" (model/normalized.py): refuse every key it would silently ignore."""
+    defaults = type(config)()
+    changed = [k for k in NOT_NORMALIZED if getattr(config, k) != getattr(defaults, k)]
+    if changed:
+        raise UserError(f"block_type = 'normalized' (nGPT) has no norm layers, norm positions, biases or soft-cap "
+                        f"and starts from no checkpoint; remove {', '.join(f'{k} = {getattr(config, k)!r}' for k in changed)}")
+    if config.pos_emb not in ("rope", "none"):
+        raise UserError(f"block_type = 'normalized' needs pos_emb = 'rope' or 'none', got {config.pos_emb!r}: "
+                        f"a learned position vector added to a unit-norm token embedding leaves the sphere")
+    if config.mlp != "swiglu":
+        raise UserError(f"block_type = 'normalized' needs mlp = 'swiglu' (the paper's MLP, with its s_u and s_v), "
+                        f"got {config.mlp!r}")
+    return config
+
+
+def refuse_normalized(config, what):
+    """A one-line refusal of `what` (a tool that needs the standard block's norm sites) for nGPT."""
+    if config.block_type == "normalized":
+        raise UserError(f"{what} needs the standard block's norm sites; a block_type = 'normalized' (nGPT) "
+                        f"model has none (its hidden states are renormalized functionally)")

@@ -34,7 +34,7 @@ import torch
 from config import UserError, keys_tagged
 from model.diagnostics import norm_sites, parse_site, site_name
 from model.layers import head_size
-from model.norms import NORMS, LayerNorm, parse_block_norms, resolve_block_positions
+from model.norms import NORMS, LayerNorm, parse_block_norms, refuse_normalized, resolve_block_positions
 
 NORM_KEYS = keys_tagged("norm")  # every key that names a norm
 
@@ -182,6 +182,7 @@ def convert_model(model):
     """(converted GPT in eval mode, its config, the plan) for a GPT: the same function, every
     LayerNorm an RMSNorm; a UserError where that is not exact."""
     from model import GPT
+    refuse_normalized(model.config, "the LayerNorm-to-RMSNorm conversion")
     the_plan = plan(model)
     untie = (the_plan["stream"] or the_plan["embed"]) and model.config.tie_embeddings
     the_plan["untied_head"] = untie

@@ -20,10 +20,10 @@ def eval_curve(metrics):
             np.array([r["val_loss"] for r in rows]))
 
 
-def plot_loss_curves(curves, path_step, path_time, title=""):
+def plot_loss_curves(curves, path_step, path_time, title="", target=None):
     """curves: {variant: [metrics rows of each seed]}. One line per variant: the mean over seeds,
     with a min-max band. Against wall-clock, x is the mean over seeds of the training seconds at
-    each eval step (seeds of one variant share their eval steps)."""
+    each eval step (seeds of one variant share their eval steps). target: a dashed line at that loss."""
     for path, use_time in ((path_step, False), (path_time, True)):
         fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
         for variant, runs in curves.items():
@@ -35,6 +35,8 @@ def plot_loss_curves(curves, path_step, path_time, title=""):
             x = np.stack([r[1][:n] for r in runs]).mean(0) if use_time else runs[0][0][:n]
             line, = ax.plot(x, losses.mean(0), marker="o", markersize=3, label=f"{variant} ({len(runs)} seeds)")
             ax.fill_between(x, losses.min(0), losses.max(0), color=line.get_color(), alpha=0.2, linewidth=0)
+        if target is not None:
+            ax.axhline(target, color="black", linestyle="--", linewidth=0.8, label=f"target {target:.3f}")
         ax.set_xlabel("training seconds (eval excluded)" if use_time else "step")
         ax.set_ylabel("val loss (nats/token)")
         ax.set_title(f"{title}: val loss vs {'wall-clock' if use_time else 'step'}", fontsize=10)
@@ -77,7 +79,8 @@ def plot_diagnostics(rows, path, title=""):
         ax.set_axis_off()
     steps = [r["step"] for r in rows]
     for ax, (key, label, kind) in zip(axes.flat, HEATMAPS):
-        present = [r for r in rows if r.get(key) is not None]  # grad_norm is null before the first step
+        # grad_norm is null before the first step; nGPT has no norm sites (empty lists)
+        present = [r for r in rows if r.get(key) is not None and np.size(r[key])]
         if not present:
             ax.set_axis_off()
             continue

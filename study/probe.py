@@ -32,7 +32,7 @@ from data.prepare import prepare_data
 from data.tokenizer import end_of_document, window_start_token
 from kernels.rmsnorm import rms_norm
 from model.diagnostics import SITE_SLOTS, collect, norm_sites, parse_site, site_name, site_slot
-from model.norms import LayerNorm, upcast
+from model.norms import LayerNorm, refuse_normalized, upcast
 from study import plots
 from study.recentering import DELTA_THRESHOLD
 from study.staged import ALPHA, DECISIONS, bootstrap_ci, delta, planned_looks, staged
@@ -312,6 +312,7 @@ def probe_model(model, config, out_dir, name, log=print, splits=("val",), thresh
     """The probe of a loaded model on windows at document starts of config's data -> out_dir/probe.md,
     probe.json, probe.png, and probe_windows.jsonl (each window's result, to resume from). A pretrained
     model (analyze.py) may draw documents from both splits: it has seen none of them."""
+    refuse_normalized(config, "the re-centering probe (it flips each norm site's re-centering)")
     out_dir = Path(out_dir)
     if screen < 2 or max_windows < screen:
         raise UserError(f"--screen must be >= 2 windows (two documents give the first interval) and --max_windows "

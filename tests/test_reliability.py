@@ -18,6 +18,7 @@ import train as train_module
 from training.checkpoint import list_checkpoints, load_model
 from training.runlog import read_diagnostics, read_metrics as metrics
 from config import UserError
+from model import GPT
 from train import TrainingDiverged, train
 from repo import ROOT, accelerate_launch, assert_same_metrics, tiny_run_config, wait_for
 
@@ -219,7 +220,7 @@ def test_resume_that_changes_the_model_or_tokenizer_is_refused(reference, change
         train(dataclasses.replace(config, **change), resume=True, log=lambda *_: None)
 
 
-class InjectNonFinite(train_module.GPT):
+class InjectNonFinite(GPT):
     """A GPT whose training loss is inf on chosen training steps (1-based), as a diverging run's is."""
     bad_steps = set()
 
@@ -237,7 +238,7 @@ class InjectNonFinite(train_module.GPT):
 
 
 def test_non_finite_steps_are_skipped_and_counted(tiny_config, monkeypatch):
-    monkeypatch.setattr(train_module, "GPT", InjectNonFinite)
+    monkeypatch.setattr(train_module, "make_model", InjectNonFinite)
     monkeypatch.setattr(InjectNonFinite, "bad_steps", {3, 4, 12})
     config = tiny_config(max_steps=20, eval_interval=10)
     result = train(config, log=lambda *_: None)
@@ -247,7 +248,7 @@ def test_non_finite_steps_are_skipped_and_counted(tiny_config, monkeypatch):
 
 
 def test_diagnostics_after_a_skipped_step_show_the_last_step_taken(tiny_config, monkeypatch):
-    monkeypatch.setattr(train_module, "GPT", InjectNonFinite)
+    monkeypatch.setattr(train_module, "make_model", InjectNonFinite)
     monkeypatch.setattr(InjectNonFinite, "bad_steps", {10})
     train(tiny_config(max_steps=10, eval_interval=5, diagnostics=True), log=lambda *_: None)
     at_5, at_10 = read_diagnostics(tiny_config().out_dir)[1:]
@@ -256,7 +257,7 @@ def test_diagnostics_after_a_skipped_step_show_the_last_step_taken(tiny_config, 
 
 
 def test_too_many_non_finite_steps_stop_the_run_and_keep_the_good_checkpoint(tiny_config, monkeypatch):
-    monkeypatch.setattr(train_module, "GPT", InjectNonFinite)
+    monkeypatch.setattr(train_module, "make_model", InjectNonFinite)
     monkeypatch.setattr(InjectNonFinite, "bad_steps", set(range(13, 100)))
     config = tiny_config(max_steps=30, eval_interval=10, max_bad_steps=3)
     with pytest.raises(TrainingDiverged, match="training stopped at step 15: 3 non-finite steps in a row; "

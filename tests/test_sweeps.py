@@ -12,6 +12,7 @@ import compare
 from study import sweeps
 import train as train_module
 from config import UserError
+from model import GPT
 from repo import assert_plotted, write_comparison
 
 
@@ -99,7 +100,7 @@ def test_sweep_table_on_hand_made_rows(tmp_path):
     assert "| a | 4.100 ± 0.141 | 5.000 (1 diverged) | 0.01 | 1 | 0.700 |" in table
 
 
-class DivergesAtHighLR(train_module.GPT):
+class DivergesAtHighLR(GPT):
     """A GPT whose training loss is inf at learning rates >= 0.1, as an unstable run's becomes."""
 
     def forward(self, idx, targets=None, kv_caches=None, fused_add_norm=None):
@@ -114,7 +115,7 @@ def test_swept_comparison_end_to_end_with_a_diverged_run(tmp_path, shared_cache,
     path = write_comparison(tmp_path, shared_cache, {"layernorm": {"norm": "layernorm"},
                                                      "qk": {"norm": "rmsnorm", "qk_norm": "rmsnorm"}},
                             seeds=(1,), extra_base="max_steps = 10\n[sweep]\nlearning_rate = [1e-2, 0.1]")
-    monkeypatch.setattr(train_module, "GPT", DivergesAtHighLR)
+    monkeypatch.setattr(train_module, "make_model", DivergesAtHighLR)
     rows, _ = compare.compare(path, log=lambda *a: None)
     assert [r["status"] for r in rows] == ["ok", "diverged", "ok", "diverged"]
     assert all(r["initial_val_loss"] > 5 for r in rows)

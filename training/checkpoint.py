@@ -270,10 +270,10 @@ def find_checkpoint(path, log=warn):
 
 def load_model(path, device="cpu", log=warn):
     """(model, config, checkpoint folder) from a run dir or checkpoint folder, in eval mode."""
-    from model import GPT
+    from model import make_model
     folder = find_checkpoint(path, log)
     config = config_from_json(folder / CONFIG)
-    model = GPT(config)
+    model = make_model(config)
     load_weights(model, folder / WEIGHTS)
     return model.to(device).eval(), config, folder
 
