@@ -154,13 +154,13 @@ def to_target(argv):
 
 def main():
     command, rest = (sys.argv[1], sys.argv[2:]) if len(sys.argv) > 1 else (None, [])
-    if command == "to-target":
-        return to_target(rest)
-    if command in ("probe", "convert", "recentering", "pairs") and rest and not {"-h", "--help"} & set(rest):
-        return {"probe": probe, "convert": convert, "recentering": recentering, "pairs": pairs}[command](rest)
+    if command in ("convert", "recentering", "pairs", "to-target"):  # each parses its own arguments, --help too
+        return {"convert": convert, "recentering": recentering, "pairs": pairs, "to-target": to_target}[command](rest)
     if command in ("-h", "--help") or any(a in ("-h", "--help") for a in rest):
         print(USAGE + "\n\n" + __doc__.strip())
         return
+    if command == "probe" and rest:
+        return probe(rest)
     if command != "diagnostics" or not rest or rest[0].startswith("--"):
         raise UserError(USAGE)
     diagnostics(rest[0], rest[1:])

@@ -56,11 +56,11 @@ def load_source(source, device="cpu", overrides=None, tokenizer=None, log=warn):
         origin = gguf_origin(Path(tokenizer_file).parent) if is_gguf(source) else None
         return Source(model, config, Path(tokenizer_file), model_name(source), "pretrained", Path(tokenizer_file).parent,
                       origin["quantization"] if origin else "")
-    model, config, folder = load_model(source, device, log)
     other = sorted(set(overrides) - set(RUN_KEYS))
     if other:
         raise UserError(f"--{other[0]}: a run keeps its own config; only {', '.join(RUN_KEYS)} may be set for it "
                         f"(the other keys apply to a pretrained source)")
+    model, config, folder = load_model(source, device, log)
     config = apply_overrides(config, overrides).validate()
     tokenizer_file = Path(tokenizer or folder / TOKENIZER)
     if not tokenizer_file.is_file():

@@ -66,11 +66,11 @@ def test_report_with_nothing_trained_is_one_line_and_writes_nothing(tmp_path, ca
 
 def test_a_runs_probe_takes_evaluation_keys_and_names_where_the_others_apply(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["analyze.py", "probe", str(tmp_path), "--block_size=64"])
-    with pytest.raises(UserError, match=r"^--block_size: a run's probe takes only its own config and --eval_windows, "
-                                        r"--batch_size; other --key=value settings apply to transformers folders"):
+    with pytest.raises(UserError, match=r"^--block_size: a run keeps its own config; only eval_windows, batch_size "
+                                        r"may be set for it \(the other keys apply to a pretrained source\)"):
         analyze.main()
     monkeypatch.setattr(sys, "argv", ["analyze.py", "diagnostics", str(tmp_path), "--eval_windows=8"])
-    with pytest.raises(UserError, match="a run's diagnostics takes only its own config; other --key=value"):
+    with pytest.raises(UserError, match="a run's diagnostics are redrawn from its diagnostics.jsonl; --key=value applies to a pretrained source"):
         analyze.main()
 
 

@@ -205,7 +205,7 @@ def test_a_failing_variant_is_reported_and_the_others_complete(tmp_path, shared_
     ('seeds = []\nout_dir = "x"\ntarget_val_loss = 5\n[variants.a]\n', "seeds must be"),
     ('seeds = [1]\nout_dir = "x"\ntarget_val_loss = 5\n[variants.a]\nseed = 3\n', "sets seed"),
     ('seeds = [1]\nout_dir = "x"\n[variants.a]\n', "target_val_loss"),
-    ('seed = [1]\n', "unknown key"),
+    ('seed = [1]\n', "is a training config (keys such as seed), not a comparison; train.py takes it"),
     ('seeds = [1]\nout_dir = "{tmp}/bad.toml"\ntarget_val_loss = 5\n[variants.a]\n', "out_dir '{tmp}/bad.toml' is a file"),
     ('seeds = [1]\nout_dir = ""\ntarget_val_loss = 5\n[variants.a]\n', "out_dir (the comparison folder, a string) is required"),
 ])

@@ -28,4 +28,4 @@ def test_every_metric_reaches_the_trackers_under_its_schema_name():
 
 def test_the_summary_keys_come_from_the_metrics():
     assert {"final_val_loss", "best_val_loss", "final_val_bpb", "final_train_loss", "tokens_per_s",
-            "wall_seconds", "skipped_steps", "steps", "n_params", "corpus_hash"} == set(RESULT_KEYS)
+            "wall_seconds", "skipped_steps", "steps", "n_params", "corpus_hash", "tokenizer_hash"} == set(RESULT_KEYS)
