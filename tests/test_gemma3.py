@@ -20,7 +20,7 @@ from config import Config, UserError, apply_overrides, save_config
 from hf_checkpoints import build, tokenizer_file
 from model import GPT
 from model.diagnostics import attention_stats
-from repo import ROOT, assert_same_metrics, tiny_run_config, wait_for
+from repo import ROOT, accelerate_launch, assert_same_metrics, tiny_run_config, wait_for
 from training.checkpoint import check_resumable, list_checkpoints
 
 transformers = pytest.importorskip("transformers", reason="the Gemma 3 tests check against transformers")
@@ -352,14 +352,12 @@ def test_a_sliding_window_run_trains_from_scratch_and_resumes_exactly_after_kill
 
 @pytest.mark.slow
 def test_a_sliding_window_run_under_fsdp2_trains_as_under_ddp(tmp_path, shared_cache):
-    from test_multi_process import LAUNCH, MODES
     from training.runlog import read_metrics
     args = ["configs/tiny.toml", f"--cache_dir={shared_cache}", "--batch_size=4", "--eval_windows=20",
             *(f"--{k}={v}" for k, v in SLIDING.items())]
     outputs = {}
-    for mode in MODES:
-        proc = subprocess.run(LAUNCH + MODES[mode] + ["train.py", *args, f"--out_dir={tmp_path / mode}"], cwd=ROOT,
-                              capture_output=True, text=True, timeout=600)
+    for mode in ("ddp", "fsdp"):
+        proc = accelerate_launch("train.py", *args, f"--out_dir={tmp_path / mode}", mode=mode, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
         outputs[mode] = proc.stdout
     assert "sharding: FSDP2" in outputs["fsdp"] and "local blocks 0 (window 8, theta 100)" in outputs["fsdp"]

@@ -228,8 +228,8 @@ class InjectNonFinite(GPT):
         super().__init__(config)
         self.calls = 0
 
-    def forward(self, idx, targets=None, kv_caches=None, fused_add_norm=None):
-        logits, loss = super().forward(idx, targets, kv_caches, fused_add_norm)
+    def forward(self, idx, targets=None, kv_caches=None, fused_add_norm=None, per_token=False):
+        logits, loss = super().forward(idx, targets, kv_caches, fused_add_norm, per_token)
         if self.training:
             self.calls += 1
             if self.calls in self.bad_steps:

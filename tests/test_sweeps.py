@@ -103,8 +103,8 @@ def test_sweep_table_on_hand_made_rows(tmp_path):
 class DivergesAtHighLR(GPT):
     """A GPT whose training loss is inf at learning rates >= 0.1, as an unstable run's becomes."""
 
-    def forward(self, idx, targets=None, kv_caches=None, fused_add_norm=None):
-        logits, loss = super().forward(idx, targets, kv_caches, fused_add_norm)
+    def forward(self, idx, targets=None, kv_caches=None, fused_add_norm=None, per_token=False):
+        logits, loss = super().forward(idx, targets, kv_caches, fused_add_norm, per_token)
         if self.training and self.config.learning_rate >= 0.1:
             loss = loss * float("inf")
         return logits, loss
