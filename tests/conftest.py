@@ -29,6 +29,13 @@ def tiny_config(tmp_path, shared_cache):
     return make
 
 
+@pytest.fixture(scope="module")
+def tokenizer_path(tmp_path_factory):
+    """A small tokenizer.json for a test module's random transformers checkpoints (tests/hf_checkpoints.py)."""
+    from hf_checkpoints import tokenizer_file
+    return tokenizer_file(tmp_path_factory.mktemp("tokenizer"))
+
+
 @pytest.fixture
 def small_model_config():
     """A 2-layer, 16-wide model config (no data, no run folder); keyword overrides on top."""

@@ -63,3 +63,4 @@ def build(family, folder, tokenizer_path, seed=0, **values):
     model.save_pretrained(folder)
     save_tokenizer(folder, tokenizer_path)
     return Path(folder)
+

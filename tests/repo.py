@@ -101,3 +101,13 @@ def wait_for(condition, proc, timeout=120):
             proc.kill()
             pytest.fail("timed out waiting to kill the run")
         time.sleep(0.05)
+
+
+def one_line_error(call):
+    """The message of the UserError that call() raises, checked to be one line."""
+    from config import UserError
+    with pytest.raises(UserError) as refused:
+        call()
+    message = str(refused.value)
+    assert "\n" not in message, message
+    return message

@@ -17,10 +17,10 @@ from safetensors.torch import load_file
 
 import hf
 from config import Config, UserError, apply_overrides, save_config
-from hf_checkpoints import build, tokenizer_file
+from hf_checkpoints import build
 from model import GPT
 from model.diagnostics import attention_stats
-from repo import ROOT, accelerate_launch, assert_same_metrics, tiny_run_config, wait_for
+from repo import ROOT, accelerate_launch, assert_same_metrics, tiny_run_config, wait_for, one_line_error
 from training.checkpoint import check_resumable, list_checkpoints
 
 transformers = pytest.importorskip("transformers", reason="the Gemma 3 tests check against transformers")
@@ -29,11 +29,6 @@ VARIANTS = {  # id -> Gemma3TextConfig values on top of hf_checkpoints.build's G
     "gemma3": {},
     "gemma3-softcap-untied-mha": {"final_logit_softcapping": 3.0, "tie_word_embeddings": False, "num_key_value_heads": 4},
 }
-
-
-@pytest.fixture(scope="module")
-def tokenizer_path(tmp_path_factory):
-    return tokenizer_file(tmp_path_factory.mktemp("tokenizer"))
 
 
 @pytest.fixture(scope="module")
@@ -61,13 +56,6 @@ def max_delta(name, ours, theirs):
     delta = (ours - theirs).abs().max().item()
     print(f"max |Δ logit| {name}: {delta:.2e}")
     return delta
-
-
-def one_line_error(call):
-    with pytest.raises(UserError) as refused:
-        call()
-    assert "\n" not in str(refused.value), str(refused.value)
-    return str(refused.value)
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))

@@ -18,11 +18,11 @@ import hf.gguf
 from data.prepare import file_sha256
 import hf.load
 import sample
-from config import UserError
 from data.batches import validation_batches, validation_offsets
 from data.tokenizer import window_start_token
 from hf.sources import load_source
-from hf_checkpoints import build, tokenizer_file
+from hf_checkpoints import build
+from repo import one_line_error
 from model import GPT
 from model.gpt import load_exactly
 
@@ -41,21 +41,8 @@ def user_cache(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def tokenizer_path(tmp_path_factory):
-    return tokenizer_file(tmp_path_factory.mktemp("tokenizer"))
-
-
-@pytest.fixture(scope="module")
 def llama_gguf(tmp_path_factory, tokenizer_path):
     return write_llama_gguf(tmp_path_factory.mktemp("gguf") / "tiny-llama.gguf", tokenizer_path)
-
-
-def one_line_error(call):
-    with pytest.raises(UserError) as refused:
-        call()
-    message = str(refused.value)
-    assert "\n" not in message, message
-    return message
 
 
 def reference(path):

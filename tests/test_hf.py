@@ -9,8 +9,8 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer
 
 import hf
-from config import UserError
-from hf_checkpoints import TEXT, build, save_tokenizer, tokenizer_file
+from hf_checkpoints import TEXT, build, save_tokenizer
+from repo import one_line_error
 from model import GPT
 from study.probe import Uncentered, set_site
 
@@ -26,11 +26,6 @@ FAMILIES = {  # id -> (family, config values): each mapping the import knows
     "qwen3-tied-mqa": ("qwen3", {"tie_word_embeddings": True, "num_key_value_heads": 1}),
     "qwen3-head16": ("qwen3", {"head_dim": 16}),  # heads of 16 on a 32-wide stream (head_dim)
 }
-
-
-@pytest.fixture(scope="module")
-def tokenizer_path(tmp_path_factory):
-    return tokenizer_file(tmp_path_factory.mktemp("tokenizer"))
 
 
 @pytest.fixture(scope="module")
@@ -159,14 +154,6 @@ def test_other_norm_changes_start_from_the_old_parameters(checkpoint):
     assert type(layer.transformer.h[1].attn.q_norm).__name__ == "LayerNorm" and config.qk_norm == "layernorm"
     assert torch.equal(layer.transformer.h[1].attn.k_norm.weight, qwen.transformer.h[1].attn.k_norm.weight)
     assert torch.equal(layer.transformer.h[1].ln_1.weight, qwen.transformer.h[1].ln_1.weight)
-
-
-def one_line_error(call):
-    with pytest.raises(UserError) as refused:
-        call()
-    message = str(refused.value)
-    assert "\n" not in message, message
-    return message
 
 
 REFUSED_IMPORTS = [  # (checkpoint family, its config values, what the one line says)
