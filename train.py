@@ -19,15 +19,14 @@ from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 import hf
-from config import (RESUMABLE_KEYS, UserError, apply_overrides, check_folder, config_from_json, config_help,
-                    load_config, parse_cli_overrides, run_main)
+from config import UserError, check_folder, config_help, load_config, run_main
 from data.batches import TrainBatches, diagnostics_batch
 from data.prepare import check_data_size, prepare_data
 from data.tokenizer import token_byte_lengths, window_start_token
 from model import check_model_config, make_model
 from model.diagnostics import Diagnostics
 from model.gpt import z_loss
-from training.checkpoint import (CONFIG, Counters, check_resumable, list_checkpoints, load_checkpoint,
+from training.checkpoint import (Counters, check_resumable, list_checkpoints, load_checkpoint, resume_config,
                                  newest_intact_checkpoint, save_checkpoint, track_training_state)
 from training.distributed import (check_shared_run_folder, decided_on_main, held_by_main_process, make_accelerator,
                                   release_accelerator)
@@ -355,27 +354,6 @@ USAGE = """usage: python train.py <config.toml> [--key=value ...]      start a r
        python train.py --resume <run folder> [--key=value ...]  continue a run from its saved config
        python train.py <config.toml> [--key=value ...] --resume  continue out_dir's run (same config)
        accelerate launch [...] train.py <config.toml> [--key=value ...]"""
-
-
-def resume_config(run_dir, overrides):
-    """The saved config of the run in run_dir (its latest launch's config.json, else its newest
-    checkpoint's) with overrides, which may change only keys a resume may change."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise UserError(f"--resume: {str(run_dir)!r} is not a folder; give the run folder to continue (its out_dir)")
-    saved = run_dir / CONFIG if (run_dir / CONFIG).is_file() else None
-    if saved is None:
-        checkpoints = list_checkpoints(run_dir)
-        if not checkpoints:
-            raise UserError(f"--resume: {str(run_dir)!r} holds no run (no config.json, no checkpoints/)")
-        saved = checkpoints[-1] / CONFIG
-    values = parse_cli_overrides(overrides)
-    refused = [k for k in values if k not in RESUMABLE_KEYS or k == "out_dir"]
-    if refused:
-        raise UserError(f"--resume {str(run_dir)!r}: {', '.join('--' + k for k in refused)} cannot change on a "
-                        f"resume; a resume may change only {', '.join(k for k in RESUMABLE_KEYS if k != 'out_dir')}")
-    config = config_from_json(saved)
-    return apply_overrides(config, {**values, "out_dir": str(run_dir)}).validate()
 
 
 def main():

@@ -8,7 +8,7 @@ import pytest
 
 import train
 from config import KEY_TAGS, RESUMABLE_KEYS, Config, UserError, keys_tagged, save_config
-from training.checkpoint import check_resumable
+from training.checkpoint import check_resumable, resume_config
 from training.runlog import read_metrics
 
 REFUSED = {"norm_eps": 1e-3, "z_loss": 1e-4, "dropout": 0.1, "mixed_precision": "bf16", "eval_windows": 4,
@@ -59,14 +59,14 @@ def test_help_lists_every_key_with_its_default_and_exits_0(flag, monkeypatch, ca
 def test_resume_by_folder_refuses_a_changed_model_key_at_once(tmp_path, small_model_config):
     save_config(small_model_config(out_dir=str(tmp_path / "elsewhere")), tmp_path / "config.json")
     with pytest.raises(UserError, match="--norm_eps cannot change on a resume"):
-        train.resume_config(tmp_path, ["--norm_eps=1e-3"])
-    config = train.resume_config(tmp_path, ["--max_steps=77"])
+        resume_config(tmp_path, ["--norm_eps=1e-3"])
+    config = resume_config(tmp_path, ["--max_steps=77"])
     assert (config.max_steps, config.out_dir, config.n_embd) == (77, str(tmp_path), 16)  # the folder, wherever it was
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="holds no run"):
-        train.resume_config(tmp_path / "empty", [])
+        resume_config(tmp_path / "empty", [])
     with pytest.raises(UserError, match="is not a folder"):
-        train.resume_config(tmp_path / "run/rms", [])
+        resume_config(tmp_path / "run/rms", [])
 
 
 @pytest.mark.slow

@@ -36,7 +36,8 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-from config import UserError, config_from_json, resume_refusal, save_config
+from config import (RESUMABLE_KEYS, UserError, apply_overrides, config_from_json, parse_cli_overrides, resume_refusal,
+                    save_config)
 from data.prepare import file_sha256
 
 WEIGHTS, STATE, CONFIG, TOKENIZER, META = "model.safetensors", "state", "config.json", "tokenizer.json", "meta.json"
@@ -244,6 +245,27 @@ def check_resumable(folder, config, tokenizer_hash, num_processes, sharding="non
         raise UserError(f"cannot resume {str(folder)!r} with sharding {sharding}: it was saved with sharding "
                         f"{meta.get('sharding', 'none')}; launch it with the same accelerate settings (FSDP or not)")
     return saved
+
+
+def resume_config(run_dir, overrides):
+    """The saved config of the run in run_dir (its latest launch's config.json, else its newest
+    checkpoint's) with overrides, which may change only keys a resume may change."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"--resume: {str(run_dir)!r} is not a folder; give the run folder to continue (its out_dir)")
+    saved = run_dir / CONFIG if (run_dir / CONFIG).is_file() else None
+    if saved is None:
+        checkpoints = list_checkpoints(run_dir)
+        if not checkpoints:
+            raise UserError(f"--resume: {str(run_dir)!r} holds no run (no config.json, no checkpoints/)")
+        saved = checkpoints[-1] / CONFIG
+    values = parse_cli_overrides(overrides)
+    refused = [k for k in values if k not in RESUMABLE_KEYS or k == "out_dir"]
+    if refused:
+        raise UserError(f"--resume {str(run_dir)!r}: {', '.join('--' + k for k in refused)} cannot change on a "
+                        f"resume; a resume may change only {', '.join(k for k in RESUMABLE_KEYS if k != 'out_dir')}")
+    config = config_from_json(saved)
+    return apply_overrides(config, {**values, "out_dir": str(run_dir)}).validate()
 
 
 def warn(message):
