@@ -11,6 +11,8 @@
     python analyze.py recentering <comparison dir> [--delta_threshold 0.01] [--jobs 2]
                                               do norm-input statistics predict the probe's Δ? (study/recentering.py)
     python analyze.py recentering gpt2 [--key=value ...]   the same for one pretrained model
+    python analyze.py transfer <A> <B> [...] --out DIR     the predictor fitted on one set of sites, tested on
+                                              another (study/transfer.py); A, B: folders with recentering.json
     python analyze.py pairs <comparison dir>  each <x>_ln / <x>_rms pair, paired by seed (study/pairs.py)
     python analyze.py to-target <comparison dir> [--baseline V] [--target LOSS]
                                               steps and seconds to the baseline's final val loss (study/to_target.py)
@@ -41,7 +43,7 @@ SOURCE = "run dir, checkpoint, transformers folder, hub id, .gguf file or packag
 USAGE = (f"usage: python analyze.py probe|diagnostics <{SOURCE}> [probe options]  |  "
          f"python analyze.py convert <{SOURCE}> --to rmsnorm --out <new run dir>  |  "
          f"python analyze.py recentering <comparison dir or {SOURCE}> [--delta_threshold NATS] [--jobs N]  |  "
-         "python analyze.py pairs <comparison dir>  |  "
+         "python analyze.py transfer <A> <B> [...] --out DIR  |  python analyze.py pairs <comparison dir>  |  "
          "python analyze.py to-target <comparison dir> [--baseline VARIANT] [--target LOSS]")
 PRETRAINED_DEFAULTS = {"eval_windows": 8, "batch_size": 4}  # CPU-sized for a 100M+ model: GPT-2 124M in ~25-45 min
 
@@ -67,6 +69,8 @@ def add_probe_options(p):
                    help=f"windows a flip gets at most (default {MAX_WINDOWS})")
     p.add_argument("--budget_s", type=float, default=None,
                    help="seconds after which no more windows are added (the screen always completes; default none)")
+    p.add_argument("--centering_only", action="store_true",
+                   help="flip each site's centering only; do not also remove the QK and output norms")
 
 
 def probe_options(args):
@@ -74,7 +78,7 @@ def probe_options(args):
         raise UserError(f"--delta_threshold must be > 0 nats and --alpha in (0, 1); got {args.delta_threshold}, "
                         f"{args.alpha}")
     return dict(threshold=args.delta_threshold, alpha=args.alpha, screen=args.screen, max_windows=args.max_windows,
-                budget_s=args.budget_s)
+                budget_s=args.budget_s, removals=not args.centering_only)
 
 
 def probe(argv):
@@ -124,15 +128,32 @@ def recentering(argv):
                                   "folder or hub id (then --key=value sets its config, as for probe)")
     add_probe_options(p)
     p.add_argument("--jobs", type=int, default=1, help="worker processes for the probes still to run")
+    p.add_argument("--save_records", help="also write every (run, site) record, compactly, to this JSON file (to "
+                                          "commit: analyze.py transfer reads it without the runs)")
     args, overrides = p.parse_known_args(argv)
     options = probe_options(args)
-    pretrained = None
+    pretrained, out = None, Path(args.folder)
     if is_pretrained(args.folder):  # e.g. gpt2: one model, probed and measured here
         loaded = load(args.folder, overrides)
-        pretrained = (loaded.model, loaded.config, loaded.label)
+        pretrained, out = (loaded.model, loaded.config, loaded.label), Path(loaded.config.out_dir)
     elif overrides:
         raise UserError(f"unrecognized arguments: {' '.join(overrides)}" + "; " + USAGE)
     run_recentering(args.folder, args.delta_threshold, args.jobs, pretrained=pretrained, probe_options=options)
+    if args.save_records:
+        from study.transfer import read_records, save_records
+        save_records(read_records(out)[1], args.save_records, out.name)
+
+
+def transfer(argv):
+    from study.transfer import run_transfer
+    p = ArgumentParser(prog="analyze.py transfer", hint="; " + USAGE)
+    p.add_argument("sets", nargs="+", help="two or more: a folder with recentering.json, or a records file "
+                                           "(analyze.py recentering --save_records)")
+    p.add_argument("--out", required=True, help="folder for transfer.md and transfer.json")
+    p.add_argument("--delta_threshold", type=float, default=None, help="|Δ| above which a site needs its centering "
+                                                                        "state (default: recentering.py's)")
+    args = p.parse_args(argv)
+    run_transfer(args.sets, args.out, **({} if args.delta_threshold is None else {"delta_threshold": args.delta_threshold}))
 
 
 def pairs(argv):
@@ -154,8 +175,9 @@ def to_target(argv):
 
 def main():
     command, rest = (sys.argv[1], sys.argv[2:]) if len(sys.argv) > 1 else (None, [])
-    if command in ("convert", "recentering", "pairs", "to-target"):  # each parses its own arguments, --help too
-        return {"convert": convert, "recentering": recentering, "pairs": pairs, "to-target": to_target}[command](rest)
+    if command in ("convert", "recentering", "transfer", "pairs", "to-target"):  # each parses its arguments, --help too
+        return {"convert": convert, "recentering": recentering, "transfer": transfer, "pairs": pairs,
+                "to-target": to_target}[command](rest)
     if command in ("-h", "--help") or any(a in ("-h", "--help") for a in rest):
         print(USAGE + "\n\n" + __doc__.strip())
         return

@@ -87,6 +87,8 @@ class Config:
     final_norm: str = key("", "model", "norm", help='the norm before the output head ("" = norm)')
     block_norms: str | list = key("", "model", help='per block: "layernorm*2,rmsnorm*2"; "layernorm/rmsnorm" = '
                                   'attn/mlp pair')
+    site_norms: str | list = key("", "model", help='per site, over every key above: "block3.q=layernorm,final=layernorm" '
+                                 '(sites as the diagnostics name them: blockN.attn/.mlp/.q/.k/.attn_out/.mlp_out, final, embed)')
     norm_position: str = key("pre", "model", help='"pre" (GPT-2), "post" (original Transformer), "peri" (norm on the '
                              'input and the output of each sublayer: Peri-LN, Gemma\'s sandwich) or "output" (only '
                              'on the sublayer output: OLMo 2); see model/gpt.py')

@@ -223,6 +223,8 @@ def export_family(config, where):
     problems = []
     if config.embed_norm:
         problems.append("embed_norm")
+    if config.site_norms:
+        problems.append("site_norms (a transformers class has one norm per kind of site)")
     if config.embed_scale:
         problems.append("embed_scale")
     if config.norm_scaling != "none":

@@ -5,7 +5,7 @@ norm's gains.
 A config key counts as set by the user when it differs from Config's default: such a key must agree
 with the checkpoint, with two exceptions. block_size may be smaller (a shorter context: learned
 positions keep their first rows), and the norm of a site may change (norm, attn_norm, mlp_norm,
-final_norm, block_norms, and qk_norm's type where the checkpoint has one) to any norm with a
+final_norm, block_norms, site_norms, and qk_norm's type where the checkpoint has one) to any norm with a
 per-feature gain, which starts from the old gains. A LayerNorm bias the new norm lacks is folded into
 the bias of the Linear that reads the norm's output (exact: W(g*x + b) + c = W(g*x) + (Wb + c)); where
 no such Linear follows (the final norm: lm_head has no bias) the change is refused.
@@ -24,9 +24,9 @@ import torch
 from config import KEY_TAGS, Config, UserError, apply_overrides
 from hf.families import config_from_hf, import_state
 from hf.gguf import PACKAGED, dequantized_folder, gguf_origin, is_gguf
-from model.diagnostics import site_name
 from model.gpt import load_exactly
-from model.norms import check_model_config, make_norm, resolve_block_positions, resolve_norm_stack
+from model.norms import (block_norm_names, check_model_config, make_norm, resolve_block_positions, resolve_norm_stack,
+                         site_name)
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 LOCAL_SUFFIXES = (".gguf", ".json", ".safetensors", ".bin", ".toml", ".pt")  # a name ending so is a file, not a hub id
@@ -236,7 +236,7 @@ def resolve_init_from(config):
 def source_config(config, keys):
     """config with the checkpoint's own norms at every site."""
     return replace(config, norm=keys["norm"], qk_norm=keys["qk_norm"], attn_norm="", mlp_norm="", final_norm="",
-                   block_norms="")
+                   block_norms="", site_norms="")
 
 
 def site_prefixes(config):
@@ -247,12 +247,13 @@ def site_prefixes(config):
         h = f"transformer.h.{i}."
         sites += [(f"{h}ln_1", site_name(i, "attn"), attn, [h + r for r in READERS["ln_1"]]),
                   (f"{h}ln_2", site_name(i, "mlp"), mlp, [h + r for r in READERS["ln_2"]])]
+        names = block_norm_names(config, i)
         if position == "peri":  # Gemma's output norms: the residual stream reads them, no Linear
-            sites += [(f"{h}ln_1_out", site_name(i, "attn_out"), config.output_norm or attn, []),
-                      (f"{h}ln_2_out", site_name(i, "mlp_out"), config.output_norm or mlp, [])]
+            sites += [(f"{h}ln_1_out", site_name(i, "attn_out"), names["attn_out"], []),
+                      (f"{h}ln_2_out", site_name(i, "mlp_out"), names["mlp_out"], [])]
         if config.qk_norm:
-            sites += [(f"{h}attn.q_norm", site_name(i, "q"), config.qk_norm, []),
-                      (f"{h}attn.k_norm", site_name(i, "k"), config.qk_norm, [])]
+            sites += [(f"{h}attn.q_norm", site_name(i, "q"), names["q"], []),
+                      (f"{h}attn.k_norm", site_name(i, "k"), names["k"], [])]
     return sites + [("transformer.ln_f", "final", final, [])]
 
 

@@ -8,6 +8,12 @@ Measured at eval steps when `config.diagnostics` is on; train.py writes one JSON
     offset_ratio per site: |mean(x)| / rms(x) per token, averaged over tokens (1 = all mean, 0 = none)
     mean_share   per site: mean(x)^2 / mean(x^2) per token, averaged: the share of the input's energy
                  that a LayerNorm's re-centering removes and an RMSNorm keeps
+    mean_over_median, trimmed_offset_ratio, top_energy_share  per site: the same question asked so that a
+                 few huge coordinates (Sun et al. 2024's massive activations) do not answer it: one
+                 coordinate of size M among d small ones makes mean_share about 1/d and offset_ratio about
+                 1/sqrt(d) whatever the rest holds. Per token, averaged: |mean(x)| / median |x| (the shift
+                 re-centering applies, against a typical coordinate), |mean(x)| / rms of x without its
+                 TOP_K largest |x|, and the share of x's energy in those TOP_K coordinates
     resid_rms    per block: RMS of the residual stream after the block (does it grow with depth?)
     grad_norm    per block: L2 norm of the block's parameter gradients at the latest optimizer step,
                  as the optimizer saw them (after clipping; clipping scales every block alike, so the
@@ -40,7 +46,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from model.norms import upcast
+from model.norms import site_name, upcast
 
 
 def token_stats(x):
@@ -55,6 +61,26 @@ def token_stats(x):
     offset_ratio = mean.abs() / rms.clamp_min(tiny)
     mean_share = mean.pow(2) / second_moment.clamp_min(tiny)
     return rms.mean().item(), offset_ratio.mean().item(), mean_share.mean().item()
+
+
+ROBUST_STATISTICS = ("mean_over_median", "trimmed_offset_ratio", "top_energy_share")
+TOP_K = 4  # coordinates set aside as "massive" (at most half of a vector's features)
+
+
+def robust_stats(x):
+    """(mean_over_median, trimmed_offset_ratio, top_energy_share) of x (..., features), each averaged
+    over all tokens, in fp64 (the module docstring says what each is)."""
+    x = x.detach().double().reshape(-1, x.shape[-1])
+    k = max(1, min(TOP_K, x.shape[-1] // 2))
+    tiny = torch.finfo(torch.float64).tiny
+    offset = x.mean(-1).abs()
+    magnitude = x.abs()
+    energy = x.pow(2)
+    top = energy.topk(k, dim=-1).values.sum(-1)
+    rest_rms = ((energy.sum(-1) - top).clamp_min(0) / (x.shape[-1] - k)).sqrt()
+    return ((offset / magnitude.median(-1).values.clamp_min(tiny)).mean().item(),
+            (offset / rest_rms.clamp_min(tiny)).mean().item(),
+            (top / energy.sum(-1).clamp_min(tiny)).mean().item())
 
 
 def grad_square_sum(parameters):
@@ -102,20 +128,6 @@ SITE_SLOTS = [("attn", "ln_1"), ("q", "attn.q_norm"), ("k", "attn.k_norm"), ("at
               ("mlp", "ln_2"), ("mlp_out", "ln_2_out")]  # (site suffix, attribute path in a Block), forward order
 
 
-def site_name(block, kind):
-    """A norm site's name, the one spelling every report and module uses: (3, "attn") -> "block3.attn";
-    (None, "final") -> "final" (sites outside the blocks: "embed", "final")."""
-    return kind if block is None else f"block{block}.{kind}"
-
-
-def parse_site(name):
-    """site_name's inverse: "block3.attn" -> (3, "attn"), "final" -> (None, "final")."""
-    head, dot, kind = name.partition(".")
-    if dot and head.startswith("block") and head[5:].isdigit():
-        return int(head[5:]), kind
-    return None, name
-
-
 def norm_sites(model):
     """[(site name, norm module)] for every norm site of a GPT, in forward order (none in nGPT, whose
     only "norms" are the functional renormalizations of model/normalized.py; there resid_rms, the
@@ -139,8 +151,9 @@ def site_slot(block, path):
 def collect(model, x):
     """Norm-input statistics and residual RMS for one forward pass of `model` on tokens x."""
     inputs, resid, ratios = {}, [], []
-    hooks = [module.register_forward_pre_hook(lambda m, args, name=name: inputs.__setitem__(name, token_stats(args[0])))
-             for name, module in norm_sites(model)]
+    hooks = [module.register_forward_pre_hook(
+        lambda m, args, name=name: inputs.__setitem__(name, token_stats(args[0]) + robust_stats(args[0])))
+        for name, module in norm_sites(model)]
 
     def residual_hook(module, args, out):  # returns None: a forward hook's return value replaces the output
         resid.append(token_stats(out)[0])
@@ -164,6 +177,7 @@ def collect(model, x):
             "input_rms": [inputs[n][0] for n in names],
             "offset_ratio": [inputs[n][1] for n in names],
             "mean_share": [inputs[n][2] for n in names],
+            **{key: [inputs[n][3 + i] for n in names] for i, key in enumerate(ROBUST_STATISTICS)},
             "resid_rms": resid,
             "attn_max_logit": [a[0] for a in attention],
             "attn_entropy": [a[1] for a in attention],

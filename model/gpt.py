@@ -31,8 +31,8 @@ import torch.nn.functional as F
 
 from config import UserError
 from model.layers import MLP, CausalSelfAttention, Rotary, head_size, mlp_hidden_size
-from model.norms import (FUSABLE_NORMS, check_model_config, make_norm, norm_names_used, resolve_block_attention,
-                         resolve_block_positions, resolve_norm_stack)
+from model.norms import (FUSABLE_NORMS, block_norm_names, check_model_config, make_norm, norm_names_used,
+                         resolve_block_attention, resolve_block_positions, resolve_norm_stack, site_norm)
 
 
 LOGIT_CHUNK_ELEMENTS = 2 ** 26  # per chunk of token_losses: 256 MB of fp32 logits, 256 tokens of Gemma 3's
@@ -50,12 +50,13 @@ class Block(nn.Module):
         def norm(name, present, cfg=config):  # absent sites are None: no parameters, no checkpoint keys
             return make_norm(name, config.n_embd, cfg) if present else None
         attn_config = replace(config, dyt_alpha=config.dyt_alpha_attn) if config.dyt_alpha_attn else config
+        names = block_norm_names(config, index)
         self.ln_1 = norm(attn_norm, position != "output", attn_config)
-        self.attn = CausalSelfAttention(config, rotary, window)
-        self.ln_1_out = norm(config.output_norm or attn_norm, has_out)
+        self.attn = CausalSelfAttention(config, rotary, window, (names["q"], names["k"]))
+        self.ln_1_out = norm(names["attn_out"], has_out)
         self.ln_2 = norm(mlp_norm, position != "output")
         self.mlp = MLP(config)
-        self.ln_2_out = norm(config.output_norm or mlp_norm, has_out)
+        self.ln_2_out = norm(names["mlp_out"], has_out)
 
     def forward(self, x, kv_cache=None):
         x = self.residual(x, lambda h: self.attn(h, kv_cache), self.ln_1, self.ln_1_out)
@@ -116,7 +117,7 @@ class GPT(nn.Module):
         if config.pos_emb == "learned":
             layers["wpe"] = nn.Embedding(config.block_size, config.n_embd)
         if config.embed_norm:
-            layers["ln_e"] = make_norm(config.embed_norm, config.n_embd, config)
+            layers["ln_e"] = make_norm(site_norm(config, "embed", config.embed_norm), config.n_embd, config)
         layers.update(
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList(blocks),
@@ -162,15 +163,16 @@ class GPT(nn.Module):
             line = f"  block {i}: attn={a} mlp={m}"
             if position == "output":  # no input norms: the sublayer norms sit on the outputs only
                 line = f"  block {i}:"
+            names = block_norm_names(c, i)
             if position in ("peri", "output"):
-                line += f" attn_out={c.output_norm or a} mlp_out={c.output_norm or m}"
+                line += f" attn_out={names['attn_out']} mlp_out={names['mlp_out']}"
             if c.block_positions:
                 line += f" ({position})"
             if c.qk_norm:
-                line += f" q,k={c.qk_norm}"
+                line += f" q,k={names['q']}" if names["q"] == names["k"] else f" q={names['q']} k={names['k']}"
             lines.append(line)
         if c.embed_norm:
-            lines.insert(1, f"  embed: {c.embed_norm}")
+            lines.insert(1, f"  embed: {site_norm(c, 'embed', c.embed_norm)}")
         lines.append(f"  final: {final}")
         used = norm_names_used(c, blocks, final)
         if "dyt" in used:

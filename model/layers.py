@@ -43,7 +43,7 @@ def head_size(config):
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config, rotary=None, window=0):
+    def __init__(self, config, rotary=None, window=0, qk_norms=None):
         super().__init__()
         self.n_head = config.n_head
         self.n_kv_head = config.n_kv_head or config.n_head
@@ -56,8 +56,9 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
         if config.qk_norm:  # one norm over head_dim, its gains shared by the heads (OLMo 2, Qwen3)
-            self.q_norm = make_norm(config.qk_norm, self.head_dim, config)
-            self.k_norm = make_norm(config.qk_norm, self.head_dim, config)
+            q_name, k_name = qk_norms or (config.qk_norm, config.qk_norm)  # the block's (site_norms may differ)
+            self.q_norm = make_norm(q_name, self.head_dim, config)
+            self.k_norm = make_norm(k_name, self.head_dim, config)
         else:
             self.q_norm = self.k_norm = None
         self.rotary = rotary

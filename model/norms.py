@@ -300,20 +300,79 @@ def resolve_block_attention(config):
     return kinds
 
 
-def resolve_norm_stack(config):
-    """The norm at every site: ([(attn_norm, mlp_norm) per block], final_norm).
+def site_name(block, kind):
+    """A norm site's name, the one spelling every report and module uses: (3, "attn") -> "block3.attn";
+    (None, "final") -> "final" (sites outside the blocks: "embed", "final")."""
+    return kind if block is None else f"block{block}.{kind}"
 
-    Precedence: block_norms (per block) > attn_norm / mlp_norm (every block) > norm (default).
-    """
+
+def parse_site(name):
+    """site_name's inverse: "block3.attn" -> (3, "attn"), "final" -> (None, "final")."""
+    head, dot, kind = name.partition(".")
+    if dot and head.startswith("block") and head[5:].isdigit():
+        return int(head[5:]), kind
+    return None, name
+
+
+SITE_KINDS = ("attn", "q", "k", "attn_out", "mlp", "mlp_out")  # a block's norm sites (model/diagnostics.py)
+
+
+def parse_site_norms(spec):
+    """site_norms -> {site name: norm name}: "block3.q=layernorm,final=layernorm", or a TOML list of such entries."""
+    items = [s.strip() for s in spec.split(",") if s.strip()] if isinstance(spec, str) else spec
+    out = {}
+    for item in items:
+        site, sep, name = item.partition("=") if isinstance(item, str) else ("", "", "")
+        block, kind = parse_site(site.strip())
+        if not sep or not (kind in SITE_KINDS if block is not None else kind in ("final", "embed")):
+            raise UserError(f"site_norms entry {item!r} must be site=norm with a site named as the diagnostics name it "
+                            f"(blockN.{', blockN.'.join(SITE_KINDS)}, final, embed), e.g. 'block3.q=layernorm'")
+        if site.strip() in out:
+            raise UserError(f"site_norms names {site.strip()!r} twice")
+        out[site.strip()] = check_norm_name(name.strip(), "site_norms")
+    return out
+
+
+def site_norm(config, site, default):
+    """The norm at one site: its site_norms entry, else `default` (what the other keys put there)."""
+    return parse_site_norms(config.site_norms).get(site, default) if config.site_norms else default
+
+
+def block_norm_names(config, index):
+    """{site kind: norm name} of every site of block `index` the keys can set, site_norms applied. An
+    output norm defaults to its sublayer's input norm as the other keys set it, not as site_norms does
+    (one site changes at a time). The block's position decides which sites exist; q and k are "" without
+    qk_norm."""
+    attn, mlp = stack_without_site_norms(config)[0][index]
+
+    def at(kind, default):
+        return site_norm(config, site_name(index, kind), default)
+    qk = config.qk_norm
+    return {"attn": at("attn", attn), "mlp": at("mlp", mlp), "attn_out": at("attn_out", config.output_norm or attn),
+            "mlp_out": at("mlp_out", config.output_norm or mlp), "q": at("q", qk) if qk else "",
+            "k": at("k", qk) if qk else ""}
+
+
+def stack_without_site_norms(config):
     check_norm_name(config.norm, "norm")
     attn = check_norm_name(config.attn_norm or config.norm, "attn_norm")
     mlp = check_norm_name(config.mlp_norm or config.norm, "mlp_norm")
     final = check_norm_name(config.final_norm or config.norm, "final_norm")
     if config.block_norms:
-        blocks = parse_block_norms(config.block_norms, config.n_layer)
-    else:
-        blocks = [(attn, mlp)] * config.n_layer
-    return blocks, final
+        return parse_block_norms(config.block_norms, config.n_layer), final
+    return [(attn, mlp)] * config.n_layer, final
+
+
+def resolve_norm_stack(config):
+    """The norm at every site: ([(attn_norm, mlp_norm) per block], final_norm).
+
+    Precedence: site_norms (per site) > block_norms (per block) > attn_norm / mlp_norm (every block) > norm
+    (default).
+    """
+    blocks, final = stack_without_site_norms(config)
+    blocks = [(site_norm(config, site_name(i, "attn"), a), site_norm(config, site_name(i, "mlp"), m))
+              for i, (a, m) in enumerate(blocks)]
+    return blocks, site_norm(config, "final", final)
 
 
 FUSABLE_NORMS = ("rmsnorm", "triton_rmsnorm")  # the norms with add_norm: fused_add_norm's residual add + norm kernel
@@ -321,7 +380,27 @@ FUSABLE_NORMS = ("rmsnorm", "triton_rmsnorm")  # the norms with add_norm: fused_
 
 def norm_names_used(config, blocks, final):
     """Every norm name the stack puts at some site ("" for an absent optional site)."""
-    return {n for pair in blocks for n in pair} | {final, config.qk_norm, config.output_norm, config.embed_norm}
+    return ({n for pair in blocks for n in pair} | {final, config.qk_norm, config.output_norm, config.embed_norm}
+            | set(parse_site_norms(config.site_norms).values()))
+
+
+def check_site_norms(config, positions):
+    """Every site_norms entry names a site this stack has (it changes a norm, it does not add a site)."""
+    for site in parse_site_norms(config.site_norms):
+        block, kind = parse_site(site)
+        missing = None
+        if block is not None and block >= config.n_layer:
+            missing = f"there are {config.n_layer} blocks (block0..block{config.n_layer - 1})"
+        elif kind in ("q", "k") and not config.qk_norm:
+            missing = "qk_norm is off"
+        elif kind in ("attn_out", "mlp_out") and positions[block] not in ("peri", "output"):
+            missing = f"block {block} is a {positions[block]}-norm block (output norms are in peri and output blocks)"
+        elif kind in ("attn", "mlp") and positions[block] == "output":
+            missing = f"block {block} is an output-norm block (no input norms)"
+        elif kind == "embed" and not config.embed_norm:
+            missing = "embed_norm is off"
+        if missing:
+            raise UserError(f"site_norms: this model has no site {site!r}: {missing}")
 
 
 def check_model_config(config):
@@ -334,6 +413,7 @@ def check_model_config(config):
     resolve_block_attention(config)  # not a norm, but per block as positions are: a bad entry fails here too
     if config.qk_norm:
         check_norm_name(config.qk_norm, "qk_norm")
+    check_site_norms(config, positions)
     if config.embed_norm:
         check_norm_name(config.embed_norm, "embed_norm")
     used = norm_names_used(config, blocks, final)

@@ -32,9 +32,10 @@ import dataclasses
 import torch
 
 from config import UserError, keys_tagged
-from model.diagnostics import norm_sites, parse_site, site_name
+from model.diagnostics import norm_sites
 from model.layers import head_size
-from model.norms import NORMS, LayerNorm, parse_block_norms, refuse_normalized, resolve_block_positions
+from model.norms import (NORMS, LayerNorm, parse_block_norms, parse_site, parse_site_norms, refuse_normalized,
+                         resolve_block_positions, site_name)
 
 NORM_KEYS = keys_tagged("norm")  # every key that names a norm
 
@@ -120,6 +121,9 @@ def converted_config(config, untie):
     if config.block_norms:
         swap["block_norms"] = [[target if n == "layernorm" else n for n in pair]
                                for pair in parse_block_norms(config.block_norms, config.n_layer)]
+    if config.site_norms:
+        swap["site_norms"] = ",".join(f"{site}={target if name == 'layernorm' else name}"
+                                      for site, name in parse_site_norms(config.site_norms).items())
     if untie:
         swap["tie_embeddings"] = False
     return dataclasses.replace(config, **swap)

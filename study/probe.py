@@ -31,8 +31,8 @@ from data.batches import IGNORE, diagnostics_batch, document_batch, document_win
 from data.prepare import prepare_data
 from data.tokenizer import end_of_document, window_start_token
 from kernels.rmsnorm import rms_norm
-from model.diagnostics import SITE_SLOTS, collect, norm_sites, parse_site, site_name, site_slot
-from model.norms import LayerNorm, refuse_normalized, upcast
+from model.diagnostics import SITE_SLOTS, collect, norm_sites, site_slot
+from model.norms import LayerNorm, parse_site, refuse_normalized, site_name, upcast
 from study import plots
 from study.recentering import DELTA_THRESHOLD
 from study.staged import ALPHA, DECISIONS, bootstrap_ci, delta, planned_looks, staged
@@ -103,10 +103,10 @@ def removable_sites(model):
     return groups
 
 
-def flips(model, center=None):
+def flips(model, center=None, removals=True):
     """The probe's flips, in order: one per norm site (its centering flipped, or with center=True/False
-    set to that state), then, without center, one per removable site group. Each is a dict with the
-    row's fields, "key" (unique: an output norm's removal is named as its site), "swaps", the
+    set to that state), then, without center and with removals, one per removable site group. Each is a
+    dict with the row's fields, "key" (unique: an output norm's removal is named as its site), "swaps", the
     [(site, module)] to put in, and "start", the block the flip's first changed module is in (len(h)
     for the final norm, None for the embedding norm: the whole model)."""
     out = []
@@ -117,7 +117,7 @@ def flips(model, center=None):
         out.append({"key": site, "site": site, "norm": type(norm).__name__, "recenters": recenters(norm), "change": change,
                     "swaps": [(site, with_centering(norm, target))], "start": first_block(model, site)})
     modules = dict(norm_sites(model))
-    for label, sites, change in ([] if center is not None else removable_sites(model)):
+    for label, sites, change in (removable_sites(model) if center is None and removals else []):
         out.append({"key": f"{label} removed", "site": label, "norm": type(modules[sites[0]]).__name__,
                     "recenters": None, "change": change,
                     "swaps": [(site, nn.Identity()) for site in sites], "start": first_block(model, label)})
@@ -237,7 +237,7 @@ class Record:
 
 
 def probe(model, windows, center=None, threshold=DELTA_THRESHOLD, alpha=ALPHA, screen=SCREEN, batch_size=4,
-          budget_s=None, record=None, seed=0, log=print):
+          budget_s=None, record=None, seed=0, removals=True, log=print):
     """One row per flip (flips()): Δ val loss against the unchanged model on the same windows, its ci95
     (a document bootstrap), the flip's own base loss and windows, and its decision against threshold
     (study/staged.py). Every flip is screened on the first `screen` windows; windows are then added,
@@ -245,7 +245,7 @@ def probe(model, windows, center=None, threshold=DELTA_THRESHOLD, alpha=ALPHA, s
     passed (the screen always completes). record: a Record to resume from and add to."""
     record = record or Record(None, None)
     device = next(model.parameters()).device
-    todo = flips(model, center)
+    todo = flips(model, center, removals)
     begun = time.monotonic()
 
     def out_of_time(window_range):  # the screen (the first look) always completes
@@ -308,7 +308,7 @@ def run_probe(run_dir, log=print, **options):
 
 
 def probe_model(model, config, out_dir, name, log=print, splits=("val",), threshold=DELTA_THRESHOLD, alpha=ALPHA,
-                screen=SCREEN, max_windows=MAX_WINDOWS, budget_s=None, seed=0):
+                screen=SCREEN, max_windows=MAX_WINDOWS, budget_s=None, seed=0, removals=True):
     """The probe of a loaded model on windows at document starts of config's data -> out_dir/probe.md,
     probe.json, probe.png, and probe_windows.jsonl (each window's result, to resume from). A pretrained
     model (analyze.py) may draw documents from both splits: it has seen none of them."""
@@ -327,7 +327,7 @@ def probe_model(model, config, out_dir, name, log=print, splits=("val",), thresh
                 "seed": seed, "windows": len(windows), "dtype": str(next(model.parameters()).dtype)}
     record = Record(out_dir / "probe_windows.jsonl", identity, log)
     rows = probe(model, windows, threshold=threshold, alpha=alpha, screen=screen, batch_size=config.batch_size,
-                 budget_s=budget_s, record=record, seed=seed, log=log)
+                 budget_s=budget_s, record=record, seed=seed, removals=removals, log=log)
     table = (f"# Re-centering probe of {name}\n\n{len(windows)} windows of up to {config.block_size} tokens from "
              f"the {' and '.join(splits)} split(s)" + (f", a budget of {budget_s:g} s" if budget_s is not None else "")
              + f".\n\n{probe_table(rows)}\n")

@@ -7,10 +7,11 @@ each with result.json) and every norm site of it, it gathers
     the trained norm re-centers (LayerNorm: the probe removes the mean subtraction) or not (the probe
     adds it);
   - the statistics of the site's input at the end of training (model/diagnostics.py): mean_share,
-    offset_ratio, input_rms, and gained_offset = offset_ratio * rms(g), the size of the first-order
-    change of the norm's output when its mean subtraction is flipped (g * (mean / rms) * ones, against
-    an output of RMS rms(g)); from diagnostics.jsonl at the checkpoint's step, or measured on the
-    same batch train.py uses (the first batch of the fixed validation windows) when the run has none;
+    offset_ratio, input_rms, gained_offset = offset_ratio * rms(g) (the first-order size of the change
+    of the norm's output when its mean subtraction is flipped, g * (mean / rms) * ones, against an
+    output of RMS rms(g)), and the three that massive activations do not dominate (ROBUST_STATISTICS);
+    from diagnostics.jsonl at the checkpoint's step, or measured on the same batch train.py uses (the
+    first batch of the fixed validation windows) when the run has none;
   - the probe's Δ val loss for flipping that site (study/probe.py; run when probe.json is missing or
     older than the run's newest checkpoint).
 It reports Spearman's rank correlation of each statistic with |Δ| with a 95% bootstrap interval that
@@ -25,10 +26,11 @@ import numpy as np
 from scipy import stats as scipy_stats
 
 from config import UserError
-from model.diagnostics import parse_site
+from model.diagnostics import ROBUST_STATISTICS
+from model.norms import parse_site
 from study.report import fmt
 
-STATISTICS = ("mean_share", "offset_ratio", "input_rms", "gained_offset")
+STATISTICS = ("mean_share", "offset_ratio", "input_rms", "gained_offset") + ROBUST_STATISTICS
 # A site "needs its re-centering state" when flipping it moves the val loss by more than this (nats):
 # half the seed-to-seed spread of final val loss at this scale (~0.02, shared/FRONTIER.md), so a
 # smaller flip is below what retraining with another seed would show; the pilot uses it too.
@@ -72,7 +74,9 @@ def end_statistics(run_dir, model, config, folder):
     from training.runlog import read_diagnostics
     step = read_meta(folder)["step"]
     line = next((d for d in reversed(read_diagnostics(run_dir)) if d.get("step") == step), None)
-    return statistics_of(model, line or measure_once(model, config))  # none at that step: measured now
+    if line is None or any(key not in line for key in ROBUST_STATISTICS):  # none at that step, or from older code
+        line = measure_once(model, config)
+    return statistics_of(model, line)
 
 
 def statistics_of(model, line):
@@ -81,7 +85,7 @@ def statistics_of(model, line):
     gains = {site: gain_rms(m) for site, m in norm_sites(model)}
     out = {}
     for i, site in enumerate(line["sites"]):
-        values = {k: line[k][i] for k in ("mean_share", "offset_ratio", "input_rms")}
+        values = {k: line[k][i] for k in ("mean_share", "offset_ratio", "input_rms") + ROBUST_STATISTICS}
         values["gained_offset"] = values["offset_ratio"] * gains.get(site, 1.0)
         out[site] = values
     return out
@@ -150,7 +154,9 @@ def site_records(run, info, rows, statistics):
 
 
 def spearman(x, y):
-    rho = scipy_stats.spearmanr(x, y).statistic if len(x) > 2 else float("nan")
+    if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:  # a constant has no rank order: no correlation
+        return None
+    rho = scipy_stats.spearmanr(x, y).statistic
     return None if rho is None or np.isnan(rho) else float(rho)
 
 

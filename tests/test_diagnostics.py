@@ -6,10 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from config import Config
 from probe_windows import windows
 from study.probe import Centered, Uncentered, probe, with_centering
 from model import GPT
-from model.diagnostics import collect, grad_square_sum, norm_sites, token_stats
+from model.diagnostics import ROBUST_STATISTICS, collect, grad_square_sum, norm_sites, robust_stats, token_stats
 from model.norms import LayerNorm, RMSNorm
 from train import train
 
@@ -32,6 +33,33 @@ def test_partial_offset_and_all_zero_token():
     rms, offset, share = token_stats(torch.tensor([[1 + a, 1 - a]]))
     assert share == pytest.approx(1 / (1 + a * a)) and offset == pytest.approx(1 / math.sqrt(1 + a * a))
     assert token_stats(torch.zeros(2, 4)) == (0.0, 0.0, 0.0)  # no division by zero
+
+
+def test_one_massive_coordinate_fools_mean_share_not_the_robust_statistics():
+    # d = 64: one coordinate M = 1000, the others +-1 summing to 0 (and one of them 0). mean = M/d, so
+    # mean_share ~ 1/d and offset_ratio ~ 1/sqrt(d) whatever the bulk holds; the robust statistics compare
+    # the mean with the bulk: median |x| = 1, the rms without the top 4 is 1 (the 3 others set aside are 1s)
+    d, big = 64, 1000.0
+    bulk = torch.tensor([1.0, -1.0] * 31 + [0.0])
+    x = torch.cat([torch.tensor([big]), bulk]).unsqueeze(0)
+    rms, offset, share = token_stats(x)
+    assert share == pytest.approx((big / d) ** 2 / ((big ** 2 + 62) / d))  # ~ 1/d
+    over_median, trimmed, top_share = robust_stats(x)
+    assert over_median == pytest.approx(big / d)
+    assert trimmed == pytest.approx((big / d) / math.sqrt((62 - 3) / (d - 4)))
+    assert top_share == pytest.approx((big ** 2 + 3) / (big ** 2 + 62))
+    # the same bulk without the massive coordinate: zero mean, nothing to find
+    assert robust_stats(bulk.unsqueeze(0))[:2] == (0.0, 0.0)
+    assert robust_stats(torch.zeros(2, 8)) == (0.0, 0.0, 0.0)  # no division by zero
+
+
+def test_collect_reports_the_robust_statistics_per_site():
+    torch.manual_seed(0)
+    model = GPT(Config(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=300, qk_norm="rmsnorm").validate())
+    stats = collect(model, torch.randint(0, 300, (2, 8)))
+    for key in ROBUST_STATISTICS:
+        assert len(stats[key]) == len(stats["sites"]) and all(v >= 0 for v in stats[key])
+    assert all(0 < v <= 1 for v in stats["top_energy_share"])
 
 
 def test_grad_square_sum_of_hand_made_gradients():

@@ -6,6 +6,7 @@ is refused in one line; and a sliding-window run trains from scratch and resumes
 import dataclasses
 import json
 import math
+import re
 import os
 import signal
 import subprocess
@@ -19,7 +20,7 @@ import hf
 from config import Config, UserError, apply_overrides, save_config
 from hf_checkpoints import build
 from model import GPT
-from model.diagnostics import attention_stats
+from model.diagnostics import attention_stats, norm_sites
 from repo import ROOT, accelerate_launch, assert_same_metrics, tiny_run_config, wait_for, one_line_error
 from training.checkpoint import check_resumable, list_checkpoints
 
@@ -305,6 +306,49 @@ def test_a_norm_change_on_gemma_starts_the_output_norms_from_the_old_gains(gemma
     assert config.norm == "dyt" and type(changed.transformer.h[1].ln_2_out).__name__ == "DyT"
     for name in ("ln_1", "ln_1_out", "ln_2", "ln_2_out"):
         assert torch.equal(getattr(changed.transformer.h[1], name).weight, getattr(original.transformer.h[1], name).weight)
+
+
+@pytest.mark.parametrize("site", ["block1.q", "block0.k", "block1.attn_out", "block0.mlp", "final"])
+def test_one_site_changed_by_site_norms_is_the_probes_flip_of_that_site(gemma, site):
+    """The need experiment's starting point: site_norms = "<site>=layernorm" puts a LayerNorm with the old
+    gains at that one site, which computes what the probe's flip (mean subtraction added) computes."""
+    from study.probe import flips, swapped
+    folder = gemma()
+    original, _, _ = hf.load_pretrained(folder)
+    changed, config, _ = hf.load_pretrained(folder, overrides={"site_norms": f"{site}=layernorm"})
+    changed_sites = {name: type(m).__name__ for name, m in norm_sites(changed)}
+    assert changed_sites[site] == "LayerNorm"
+    assert [n for n, kind in changed_sites.items() if kind == "LayerNorm"] == [site]
+    assert torch.equal(dict(norm_sites(changed))[site].weight, dict(norm_sites(original))[site].weight)
+    x = tokens(config.vocab_size)
+    flip = next(f for f in flips(original) if f["key"] == site)
+    with torch.no_grad():
+        unflipped, _ = original(x)
+        with swapped(original, flip["swaps"]):
+            probed, _ = original(x)
+        assert (probed - unflipped).abs().max() > 1e-4  # the flip changes the model
+        assert max_delta(site, changed(x)[0], probed) < 1e-5
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("block9.q=layernorm", "no site 'block9.q': there are 3 blocks (block0..block2)"),
+    ("block0.qk=layernorm", "site_norms entry 'block0.qk=layernorm' must be site=norm"),
+    ("final=batchnorm", "unknown norm 'batchnorm' in site_norms"),
+    ("final=layernorm,final=rmsnorm", "site_norms names 'final' twice"),
+])
+def test_a_site_norms_entry_this_model_lacks_is_one_line(gemma, spec, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        hf.load_pretrained(gemma(), overrides={"site_norms": spec})
+
+
+def test_site_norms_on_a_pre_norm_stack_without_qk_norm_names_what_is_missing(small_model_config):
+    with pytest.raises(UserError, match="no site 'block0.q': qk_norm is off"):
+        GPT(small_model_config(site_norms="block0.q=layernorm"))
+    with pytest.raises(UserError, match="no site 'block0.attn_out': block 0 is a pre-norm block"):
+        GPT(small_model_config(site_norms="block0.attn_out=layernorm"))
+    model = GPT(small_model_config(norm="rmsnorm", site_norms=["block1.mlp=layernorm", "final=layernorm"]))
+    kinds = {name: type(m).__name__ for name, m in norm_sites(model)}
+    assert kinds["block1.mlp"] == kinds["final"] == "LayerNorm" and kinds["block1.attn"] == "RMSNorm"
 
 
 # --- from scratch through train.py ------------------------------------------------------------------

@@ -171,6 +171,14 @@ def test_the_site_kinds_covered_by_the_bit_for_bit_test(small_model_config):
             "block0.qk"} <= set(labels)
 
 
+def test_centering_only_flips_every_site_once_and_removes_nothing(small_model_config):
+    model = GPT(small_model_config(norm="rmsnorm", qk_norm="rmsnorm", norm_position="peri"))
+    only = flips(model, removals=False)
+    assert [f["site"] for f in only] == [name for name, _ in norm_sites(model)]
+    assert all(f["change"] == "mean subtraction added" for f in only)
+    assert len(flips(model)) == len(only) + 3 * 2  # per block: the QK pair and two output norms removed
+
+
 def test_the_probe_decides_resumes_and_a_same_state_flip_is_exactly_zero(small_model_config, tmp_path):
     config = small_model_config(block_norms="layernorm,rmsnorm", final_norm="rmsnorm", block_size=32)
     torch.manual_seed(0)
