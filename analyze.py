@@ -14,6 +14,8 @@
     python analyze.py transfer <A> <B> [...] --out DIR     the predictor fitted on one set of sites, tested on
                                               another (study/transfer.py); A, B: folders with recentering.json
     python analyze.py pairs <comparison dir>  each <x>_ln / <x>_rms pair, paired by seed (study/pairs.py)
+    python analyze.py gaps <comparison dir> [--baseline V]   each variant's gap to the baseline at every eval
+                                              step, paired by seed (study/gaps.py)
     python analyze.py to-target <comparison dir> [--baseline V] [--target LOSS]
                                               steps and seconds to the baseline's final val loss (study/to_target.py)
 
@@ -43,7 +45,7 @@ SOURCE = "run dir, checkpoint, transformers folder, hub id, .gguf file or packag
 USAGE = (f"usage: python analyze.py probe|diagnostics <{SOURCE}> [probe options]  |  "
          f"python analyze.py convert <{SOURCE}> --to rmsnorm --out <new run dir>  |  "
          f"python analyze.py recentering <comparison dir or {SOURCE}> [--delta_threshold NATS] [--jobs N]  |  "
-         "python analyze.py transfer <A> <B> [...] --out DIR  |  python analyze.py pairs <comparison dir>  |  "
+         "python analyze.py transfer <A> <B> [...] --out DIR  |  python analyze.py pairs|gaps <comparison dir>  |  "
          "python analyze.py to-target <comparison dir> [--baseline VARIANT] [--target LOSS]")
 PRETRAINED_DEFAULTS = {"eval_windows": 8, "batch_size": 4}  # CPU-sized for a 100M+ model: GPT-2 124M in ~25-45 min
 
@@ -156,6 +158,15 @@ def transfer(argv):
     run_transfer(args.sets, args.out, **({} if args.delta_threshold is None else {"delta_threshold": args.delta_threshold}))
 
 
+def gaps(argv):
+    from study.gaps import run_gaps
+    p = ArgumentParser(prog="analyze.py gaps", hint="; " + USAGE)
+    p.add_argument("folder", help="a finished comparison's out_dir (compare.py)")
+    p.add_argument("--baseline", help="the variant the gaps are taken to (default: the first variant, compare.py's)")
+    args = p.parse_args(argv)
+    run_gaps(args.folder, args.baseline)
+
+
 def pairs(argv):
     from study.pairs import run_pairs
     p = ArgumentParser(prog="analyze.py pairs", hint="; " + USAGE)
@@ -175,9 +186,10 @@ def to_target(argv):
 
 def main():
     command, rest = (sys.argv[1], sys.argv[2:]) if len(sys.argv) > 1 else (None, [])
-    if command in ("convert", "recentering", "transfer", "pairs", "to-target"):  # each parses its arguments, --help too
-        return {"convert": convert, "recentering": recentering, "transfer": transfer, "pairs": pairs,
-                "to-target": to_target}[command](rest)
+    commands = {"convert": convert, "recentering": recentering, "transfer": transfer, "pairs": pairs, "gaps": gaps,
+                "to-target": to_target}
+    if command in commands:  # each parses its own arguments, --help too
+        return commands[command](rest)
     if command in ("-h", "--help") or any(a in ("-h", "--help") for a in rest):
         print(USAGE + "\n\n" + __doc__.strip())
         return

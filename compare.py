@@ -48,6 +48,7 @@ from study import sweeps
 from training.checkpoint import list_checkpoints
 from config import (ArgumentParser, Config, UserError, apply_overrides, check_folder, keys_tagged, load_config,
                     read_toml, run_main)
+from hf.load import resolve_init_from
 from model.norms import check_model_config
 from study.report import device_name, machine, markdown_table, write_outputs
 from training.metrics import RESULT_KEYS
@@ -135,7 +136,10 @@ def load_comparison(path):
                 try:
                     config = apply_overrides(base, overrides)
                     config = apply_overrides(config, {**sweeps.sweep_overrides(config, key, value), **per_run}).validate()
-                    check_model_config(config)
+                    if config.init_from:  # the stack is the checkpoint's: checked once it is known, as train.py does
+                        resolve_init_from(config)
+                    else:
+                        check_model_config(config)
                 except UserError as e:
                     raise UserError(f"{path}: variant {label!r}: {e}") from None
                 runs.append((label, seed, config))

@@ -155,9 +155,13 @@ def plot_recentering(records, statistics, threshold, path, title="", floor=1e-7)
     """One log-log panel per statistic: |Δ val loss| of each (run, site) flip against the statistic of
     the site's input; blue: LayerNorm sites (mean subtraction removed), orange: others (added); the
     dashed line is the |Δ| threshold. Values below `floor` are drawn at it (a flip can give exactly 0)."""
-    fig, axes = plt.subplots(1, len(statistics), figsize=(3.6 * len(statistics), 3.6), dpi=90, squeeze=False)
+    columns = min(4, len(statistics))
+    rows = -(-len(statistics) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(3.6 * columns, 3.6 * rows), dpi=90, squeeze=False)
+    for ax in axes.flat[len(statistics):]:
+        ax.set_visible(False)
     y = np.maximum([r["abs_delta"] for r in records], floor)
-    for ax, statistic in zip(axes[0], statistics):
+    for ax, statistic in zip(axes.flat, statistics):
         x = np.maximum([r[statistic] for r in records], floor)
         for recenters, color, label in ((True, "tab:blue", "LayerNorm: removed"), (False, "tab:orange", "other: added")):
             mask = np.array([r["recenters"] == recenters for r in records])
@@ -172,6 +176,27 @@ def plot_recentering(records, statistics, threshold, path, title="", floor=1e-7)
         ax.grid(alpha=0.3, which="both")
     axes[0][0].legend(fontsize=8)
     fig.suptitle(f"re-centering predictor: {title}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_gaps(rows, baseline, path, title=""):
+    """Each variant's mean gap to the baseline against step, with its 95% interval as a band."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=90)
+    for variant in dict.fromkeys(r["variant"] for r in rows):
+        mine = [r for r in rows if r["variant"] == variant]
+        steps, means = [r["step"] for r in mine], [r["mean"] for r in mine]
+        line, = ax.plot(steps, means, marker="o", label=variant)
+        if all(r["ci"] is not None for r in mine):
+            ax.fill_between(steps, [r["ci"][0] for r in mine], [r["ci"][1] for r in mine], color=line.get_color(), alpha=0.2)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_yscale("symlog", linthresh=1e-2)
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"val loss − {baseline} (nats/token)")
+    ax.set_title(f"gap to {baseline}, mean over seeds, 95% CI: {title}", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
