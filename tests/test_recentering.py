@@ -82,7 +82,7 @@ def test_recentering_on_a_tiny_comparison(tmp_path, shared_cache):
     assert set(pooled) == set(recentering.STATISTICS) and all(c["n_runs"] == 4 for c in pooled.values())
     text = (folder / "recentering.md").read_text()
     assert "Spearman" in text and "Held-out check" in text
-    assert_plotted(folder / "recentering.png", (1296, 324))
+    assert_plotted(folder / "recentering.png", (1296, 648))  # 7 statistics: 2 rows of 4 panels
     # one run dir is a comparison of one run; the CLI prints its report
     run = folder / "runs" / "layernorm" / "seed1"
     cli = run_cli("analyze.py", "recentering", str(run))
