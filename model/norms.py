@@ -440,10 +440,10 @@ def check_model_config(config):
 
 
 # keys of the standard block that nGPT has no place for: it has no norm layer and no norm position
-NOT_NORMALIZED = ("norm", "attn_norm", "mlp_norm", "final_norm", "block_norms", "norm_position", "block_positions",
-                  "output_norm", "qk_norm", "embed_norm", "embed_scale", "norm_scaling", "fused_add_norm",
-                  "norm_gain", "dyt_alpha", "dyt_alpha_attn", "derf_alpha", "prms_fraction", "logit_softcap",
-                  "bias", "init_from")
+NOT_NORMALIZED = ("norm", "attn_norm", "mlp_norm", "final_norm", "block_norms", "site_norms", "norm_position",
+                  "block_positions", "output_norm", "qk_norm", "embed_norm", "embed_scale", "norm_scaling",
+                  "fused_add_norm", "norm_gain", "dyt_alpha", "dyt_alpha_attn", "derf_alpha", "prms_fraction",
+                  "logit_softcap", "bias", "init_from")
 
 
 def check_normalized(config):
