@@ -2,6 +2,7 @@
 files, restart, a failing variant, bad configs; and analyze.py's probe on one of its runs."""
 import csv
 import hashlib
+import importlib.metadata
 import json
 import re
 import subprocess
@@ -20,6 +21,7 @@ import train as train_module
 from training import evaluation
 from study.probe import run_probe
 from config import UserError
+from hf.gguf import PACKAGED
 from repo import ROOT, assert_plotted, write_comparison
 
 
@@ -69,6 +71,12 @@ COMPARISONS = sorted(p.name for p in (ROOT / "configs").glob("*.toml") if "varia
 
 @pytest.mark.parametrize("name", COMPARISONS)
 def test_every_shipped_comparison_builds_a_valid_run_for_each_point_and_seed(name):
+    source = tomllib.loads((ROOT / "configs" / name).read_text()).get("base", {}).get("init_from")
+    if source in PACKAGED:  # its architecture comes from an optional model package: checked where installed
+        try:
+            importlib.metadata.distribution(PACKAGED[source]["package"])
+        except importlib.metadata.PackageNotFoundError:
+            pytest.skip(f"{name} starts from {source}, not installed here ({PACKAGED[source]['pip']})")
     comparison = compare.load_comparison(ROOT / "configs" / name)  # validates every run's config
     assert len(comparison.runs) == len(comparison.variants) * len(comparison.seeds)
     assert comparison.baseline in comparison.base_variants or comparison.baseline in comparison.variants
