@@ -32,6 +32,7 @@ from training.distributed import (check_shared_run_folder, decided_on_main, held
                                   release_accelerator)
 from training import metrics
 from training.evaluation import evaluate_loss_and_bpb
+from training.host_memory import keep_freed_memory
 from training.optimizer import build_optimizer, learning_rate
 from training.runlog import RunLog, SavedLog, append_log, run_folder_lock
 
@@ -82,6 +83,8 @@ def _train(config, resume, log, accelerator):
     run_dir = Path(config.out_dir)
     if accelerator.is_main_process:  # what is printed is kept in the run folder too
         log = SavedLog(run_dir, log)
+    if accelerator.device.type == "cpu" and keep_freed_memory():
+        log("cpu memory: freed tensors stay in the heap for the next step (training/host_memory.py)")
     if config.max_steps < config.warmup_steps:
         log(f"warning: max_steps ({config.max_steps}) < warmup_steps ({config.warmup_steps}): the run ends inside "
             f"its warmup, at a rate of {learning_rate(config.max_steps - 1, config):.3g} (learning_rate is "
