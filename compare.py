@@ -49,7 +49,7 @@ from training.checkpoint import list_checkpoints
 from config import (ArgumentParser, Config, UserError, apply_overrides, check_folder, keys_tagged, load_config,
                     read_toml, run_main)
 from hf.load import resolve_init_from
-from model.norms import check_model_config
+from model.stack import check_model_config
 from study.report import device_name, machine, markdown_table, write_outputs
 from training.metrics import RESULT_KEYS
 from training.runlog import RunFolderBusy, read_metrics, run_folder_lock, run_folder_owner, write_atomic

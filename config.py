@@ -170,7 +170,7 @@ class Config:
 
     def validate(self):
         """Checks that need no other module; the norm names and stack are checked by
-        model.norms.check_model_config (config.py imports no project module)."""
+        model.stack.check_model_config (config.py imports no project module)."""
         positive = ["vocab_size", "block_size", "n_layer", "n_head", "n_embd", "batch_size",
                     "grad_accum", "max_steps", "eval_interval", "eval_windows", "log_interval",
                     "keep_checkpoints", "max_bad_steps"]

@@ -12,7 +12,7 @@ import torch
 from tokenizers import Tokenizer
 
 from config import UserError, check_folder
-from model.norms import refuse_normalized
+from model.stack import refuse_normalized
 from data.tokenizer import end_of_document
 from hf.families import CLASSES, export_family, export_state, hf_config_values
 from hf.load import require_transformers

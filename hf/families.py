@@ -26,7 +26,7 @@ import torch
 
 from config import UserError
 from model.layers import head_size, mlp_hidden_size
-from model.norms import resolve_block_attention, resolve_block_positions, resolve_norm_stack
+from model.stack import resolve_block_attention, resolve_block_positions, resolve_norm_stack
 
 CLASSES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM",
            "gemma3_text": "Gemma3ForCausalLM"}

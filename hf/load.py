@@ -25,8 +25,8 @@ from config import KEY_TAGS, Config, UserError, apply_overrides
 from hf.families import config_from_hf, import_state
 from hf.gguf import PACKAGED, dequantized_folder, gguf_origin, is_gguf
 from model.gpt import load_exactly
-from model.norms import (block_norm_names, check_model_config, make_norm, resolve_block_positions, resolve_norm_stack,
-                         site_name)
+from model.norms import make_norm
+from model.stack import block_norm_names, check_model_config, resolve_block_positions, resolve_norm_stack, site_name
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 LOCAL_SUFFIXES = (".gguf", ".json", ".safetensors", ".bin", ".toml", ".pt")  # a name ending so is a file, not a hub id

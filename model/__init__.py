@@ -1,7 +1,8 @@
 """The GPT model and its pluggable norms."""
 from model.gpt import GPT
 from model.normalized import NormalizedGPT
-from model.norms import NORMS, check_model_config, make_norm, resolve_norm_stack
+from model.norms import NORMS, make_norm
+from model.stack import check_model_config, resolve_norm_stack
 
 
 def make_model(config):

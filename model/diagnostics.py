@@ -46,7 +46,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from model.norms import site_name, upcast
+from model.norms import upcast
+from model.stack import site_name
 
 
 def token_stats(x):

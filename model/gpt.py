@@ -31,7 +31,8 @@ import torch.nn.functional as F
 
 from config import UserError
 from model.layers import MLP, CausalSelfAttention, Rotary, head_size, mlp_hidden_size
-from model.norms import (FUSABLE_NORMS, block_norm_names, check_model_config, make_norm, norm_names_used,
+from model.norms import make_norm
+from model.stack import (FUSABLE_NORMS, block_norm_names, check_model_config, norm_names_used,
                          resolve_block_attention, resolve_block_positions, resolve_norm_stack, site_norm)
 
 

@@ -27,7 +27,8 @@ from torch.distributed.tensor import DTensor
 
 from model.gpt import GPT
 from model.layers import MLP, CausalSelfAttention, Rotary, mlp_hidden_size
-from model.norms import check_model_config, upcast
+from model.norms import upcast
+from model.stack import check_model_config
 
 ALPHA_INIT = 0.05  # the eigen learning rates' initial value (paper section 2.6: of order 1 / n_layer)
 TINY = 1e-12       # a zero vector stays zero instead of becoming NaN

@@ -34,7 +34,8 @@ import torch
 from config import UserError, keys_tagged
 from model.diagnostics import norm_sites
 from model.layers import head_size
-from model.norms import (NORMS, LayerNorm, parse_block_norms, parse_site, parse_site_norms, refuse_normalized,
+from model.norms import NORMS, LayerNorm
+from model.stack import (parse_block_norms, parse_site, parse_site_norms, refuse_normalized,
                          resolve_block_positions, site_name)
 
 NORM_KEYS = keys_tagged("norm")  # every key that names a norm

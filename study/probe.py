@@ -32,7 +32,8 @@ from data.prepare import prepare_data
 from data.tokenizer import end_of_document, window_start_token
 from kernels.rmsnorm import rms_norm
 from model.diagnostics import SITE_SLOTS, collect, norm_sites, site_slot
-from model.norms import LayerNorm, parse_site, refuse_normalized, site_name, upcast
+from model.norms import LayerNorm, upcast
+from model.stack import parse_site, refuse_normalized, site_name
 from study import plots
 from study.recentering import DELTA_THRESHOLD
 from study.staged import ALPHA, DECISIONS, bootstrap_ci, delta, planned_looks, staged

@@ -27,7 +27,7 @@ from scipy import stats as scipy_stats
 
 from config import UserError
 from model.diagnostics import ROBUST_STATISTICS
-from model.norms import parse_site
+from model.stack import parse_site
 from study.report import fmt
 
 STATISTICS = ("mean_share", "offset_ratio", "input_rms", "gained_offset") + ROBUST_STATISTICS
@@ -285,9 +285,9 @@ def markdown(result):
             ci = "–" if c["ci95"] is None else f"[{c['ci95'][0]:+.2f}, {c['ci95'][1]:+.2f}]"
             lines.append(f"| {group} | {c['statistic']} | {c['n_sites']} | {c['n_runs']} | {fmt(c['rho'], '+.2f')} | {ci} |")
     lines += ["", "## Held-out check", "",
-              f"A threshold t on each statistic (\"needs re-centering\" when statistic ≥ t) is fitted on one half of "
-              f"the runs (best balanced accuracy) and scored on the other half, both ways round. Always-no: the "
-              f"accuracy of calling no site, the rate to beat. No threshold when the fitting half has one class only.", ""]
+              "A threshold t on each statistic (\"needs re-centering\" when statistic ≥ t) is fitted on one half of "
+              "the runs (best balanced accuracy) and scored on the other half, both ways round. Always-no: the "
+              "accuracy of calling no site, the rate to beat. No threshold when the fitting half has one class only.", ""]
     if not result["n_needing"]:
         lines += [f"No site's flip moved the val loss by more than {result['delta_threshold']:g} nats, so there is "
                   f"nothing to predict at this threshold: calling no site is always right.", ""]

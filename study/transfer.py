@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from config import UserError
-from model.norms import parse_site
+from model.stack import parse_site
 from study.recentering import BOOTSTRAP, DELTA_THRESHOLD, STATISTICS, fit_threshold, label_needs, scores, spearman
 from study.report import fmt
 

@@ -13,7 +13,7 @@ import torch
 
 from config import Config, UserError, apply_overrides
 from model import NormalizedGPT, make_model
-from model.norms import check_model_config
+from model.stack import check_model_config
 from repo import ROOT, assert_same_metrics, tiny_run_config, wait_for
 from training.checkpoint import list_checkpoints, load_model
 from training.runlog import read_diagnostics, read_metrics

@@ -6,7 +6,8 @@ import torch
 
 from config import UserError
 from model import GPT
-from model.norms import NORMS, check_model_config, make_norm, parse_block_norms, resolve_norm_stack
+from model.norms import NORMS, make_norm
+from model.stack import check_model_config, parse_block_norms, resolve_norm_stack
 from norm_checks import rms_norm_fp64
 
 
