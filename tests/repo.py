@@ -4,6 +4,7 @@ checking a plot.
 (The norm tests' fp64 references and tolerances are in norm_checks.py.)"""
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -100,6 +101,48 @@ def wait_for(condition, proc, timeout=120):
         if time.time() > deadline:
             proc.kill()
             pytest.fail("timed out waiting to kill the run")
+        time.sleep(0.05)
+
+
+def process_tree(pid):
+    """pid and every process descended from it (read from /proc), parents before children."""
+    children = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError):  # it ended while being read
+            continue
+        children.setdefault(ppid, []).append(int(entry.name))
+    tree = [pid]
+    for parent in tree:  # grows while it is walked: breadth first
+        tree.extend(children.get(parent, []))
+    return tree
+
+
+def is_gone(pid):
+    """True once pid has exited (a zombie waiting for its parent counts as exited)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def kill_launch(proc, timeout=60):
+    """SIGKILL an `accelerate launch` and its workers, as a crash of the node would, and wait until all
+    are gone. torchrun starts each worker in a session of its own, so killing the launcher's process
+    group would leave the workers training on: they would finish the run while its resume starts."""
+    tree = process_tree(proc.pid)
+    for pid in tree:  # the launcher first, so that it cannot react to its workers' deaths
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+    deadline = time.time() + timeout
+    while not all(is_gone(pid) for pid in tree):
+        assert time.time() < deadline, f"processes {[p for p in tree if not is_gone(p)]} outlived SIGKILL"
         time.sleep(0.05)
 
 

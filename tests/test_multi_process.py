@@ -1,13 +1,12 @@
 """Two real processes (gloo on this CPU), as DDP and as FSDP2 through accelerate's own FSDP plugin:
 uneven evaluation, diagnostics and kill -9 resume; and a run folder that a process cannot see."""
 import os
-import signal
 import subprocess
 
 import pytest
 
 from training.checkpoint import list_checkpoints
-from repo import ROOT, accelerate_command, accelerate_launch, assert_same_metrics, wait_for
+from repo import ROOT, accelerate_command, accelerate_launch, assert_same_metrics, kill_launch, wait_for
 from training.runlog import read_diagnostics, read_metrics as metrics
 
 pytestmark = pytest.mark.slow
@@ -66,13 +65,11 @@ def test_a_resume_that_changes_the_sharding_is_one_line(references, shared_cache
 def test_kill_9_of_two_processes_then_resume_is_exact(mode, references, tmp_path, shared_cache):
     reference, _ = references[mode]
     out_dir = tmp_path / "killed"
-    # its own session, so that one killpg takes the launcher and both workers
     proc = subprocess.Popen(accelerate_command("tests/slow_train.py", *run_args(out_dir, shared_cache), mode=mode),
-                            cwd=ROOT, env={**os.environ, "TEST_STEP_DELAY": "0.05"}, start_new_session=True,
+                            cwd=ROOT, env={**os.environ, "TEST_STEP_DELAY": "0.05"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     wait_for(lambda: list_checkpoints(out_dir) and any(r["step"] >= 15 for r in metrics(out_dir)), proc, timeout=240)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_launch(proc)  # the launcher and both workers
     assert [p.name for p in list_checkpoints(out_dir)] == ["step_0000010"]
     resumed = launch(mode, *run_args(out_dir, shared_cache), "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
