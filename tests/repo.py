@@ -104,17 +104,22 @@ def wait_for(condition, proc, timeout=120):
         time.sleep(0.05)
 
 
+def process_state(pid):
+    """(state letter, parent pid) from /proc/<pid>/stat; None once the process is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()  # the name may hold spaces
+        return fields[0], int(fields[1])
+    except (OSError, IndexError):  # it ended while being read
+        return None
+
+
 def process_tree(pid):
     """pid and every process descended from it (read from /proc), parents before children."""
     children = {}
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError):  # it ended while being read
-            continue
-        children.setdefault(ppid, []).append(int(entry.name))
+        state = process_state(entry.name) if entry.name.isdigit() else None
+        if state is not None:
+            children.setdefault(state[1], []).append(int(entry.name))
     tree = [pid]
     for parent in tree:  # grows while it is walked: breadth first
         tree.extend(children.get(parent, []))
@@ -123,10 +128,8 @@ def process_tree(pid):
 
 def is_gone(pid):
     """True once pid has exited (a zombie waiting for its parent counts as exited)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except (OSError, IndexError):
-        return True
+    state = process_state(pid)
+    return state is None or state[0] == "Z"
 
 
 def kill_launch(proc, timeout=60):

@@ -56,12 +56,13 @@ def test_run_folder_holds_its_curves_and_its_log(tiny_run):
     assert ("cpu memory: freed tensors stay in the heap" in log) == keep_freed_memory()  # it says what it did
 
 
-@pytest.mark.skipif(not keep_freed_memory(), reason="glibc's mallopt: Linux with glibc only")
 def test_a_freed_large_tensor_is_reused_without_page_faults():
     """What keep_freed_memory is for: a 64 MB tensor freed and requested again (as each training step
     does with its logits) comes back from the heap, not as fresh pages from the kernel. Without it,
     glibc maps it anew every time and each fill faults in all 16,384 of its 4 KiB pages; with it, the
     heap grows for the first few (aligned requests do not fit the chunk just freed) and then holds it."""
+    if not keep_freed_memory():  # called here, not at collection: it sets the whole test process's malloc
+        pytest.skip("glibc's mallopt: Linux with glibc only")
     def faults_filling(n):
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         torch.empty(n).fill_(1.0)
